@@ -1,0 +1,281 @@
+r"""Surrogate gradients of the circulate-firing neuron (SPEC section 2).
+
+Every surrogate here is a per-level pseudo-derivative :math:`g(x)` of the Heaviside step
+:math:`H(x) = 1[x \ge 0]`, where :math:`x` is the signed distance past one firing level:
+:math:`x = h - k\theta_P` for the positive levels and :math:`x = k\theta_N - h` for the negative
+ones. A CF neuron with :math:`K_P` positive and :math:`K_N` negative levels therefore calls its
+surrogate :math:`K_P + K_N` times per step.
+
+Three families are supported everywhere (reference path and fused kernels):
+
+* :class:`CFRect`, the rectangle of Eq. (14), the default of :class:`~spikingjelly_cf.CFNode`;
+* :class:`TSG`, the time-step-wise learnable triangle of Eq. (15)-(17);
+* SpikingJelly's own ``surrogate.Sigmoid`` and ``surrogate.ATan`` (any other SpikingJelly
+  surrogate runs on the reference path, applied per level with its own derivative).
+
+All modules follow SpikingJelly's convention: ``spiking=True`` gives the exact step in the forward
+pass, ``spiking=False`` gives the smooth (or piecewise-linear) primitive, which makes a whole node
+differentiable for ``torch.autograd.gradcheck``.
+"""
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ['CFRect', 'TSG', 'heaviside', 'surrogate_spec', 'kernel_kind', 'level_spike', 'KERNEL_SURROGATES']
+
+#: Surrogate kinds the fused kernels implement (see :func:`surrogate_spec`).
+KERNEL_SURROGATES = ('CFRect', 'TSG', 'spikingjelly Sigmoid', 'spikingjelly ATan')
+
+
+def heaviside(x: torch.Tensor) -> torch.Tensor:
+    r"""SpikingJelly's step function, :math:`H(x) = 1` if :math:`x \ge 0` else 0, in ``x``'s dtype."""
+    return (x >= 0).to(x.dtype)
+
+
+def _check_real(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name} must be a real number, got {value!r} ({type(value).__name__})')
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f'{name} must be finite, got {value}')
+    if positive and value <= 0:
+        raise ValueError(f'{name} must be > 0, got {value}')
+    return value
+
+
+class _RectSpike(torch.autograd.Function):
+    """Forward: :math:`H(x)`; backward: :math:`\\alpha\\,1[|x| < w/2]`."""
+
+    @staticmethod
+    def forward(ctx, x, alpha: float, width: float):
+        if x.requires_grad:
+            ctx.save_for_backward(x)
+            ctx.alpha = alpha
+            ctx.width = width
+        return heaviside(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        g = (x.abs() < ctx.width / 2).to(grad_output.dtype) * ctx.alpha
+        return grad_output * g, None, None
+
+
+class CFRect(nn.Module):
+    r"""Rectangular surrogate of the CF neuron, Eq. (14).
+
+    Per level the pseudo-derivative is
+
+    .. math::
+        g(x) = \alpha \, \mathbb{1}\left[|x| < \tfrac{\theta}{2}\right],
+
+    with :math:`\theta = \theta_P` on positive levels and :math:`|\theta_N|` on negative ones. The
+    union of the :math:`K` windows of one side is exactly Eq. (14)'s window
+    :math:`(\theta/2, (K + 1/2)\theta)`.
+
+    Parameters
+    ----------
+    alpha : float
+        Height of the window (Eq. 14's :math:`\alpha`), default 1.0.
+    spiking : bool
+        ``True``: forward is the exact step. ``False``: forward is the primitive
+        :math:`\alpha\,\mathrm{clamp}(x + \theta/2, 0, \theta)`, piecewise linear.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([-0.6, -0.2, 0.0, 0.4], requires_grad=True)
+    >>> sg = CFRect(alpha=1.0)
+    >>> sg(x, theta=1.0)
+    tensor([0., 0., 1., 1.], grad_fn=<_RectSpikeBackward>)
+    >>> sg(x, theta=1.0).sum().backward(); x.grad
+    tensor([0., 1., 1., 1.])
+    """
+
+    def __init__(self, alpha: float = 1.0, spiking: bool = True):
+        super().__init__()
+        self.alpha = _check_real('alpha', alpha, positive=True)
+        if not isinstance(spiking, bool):
+            raise TypeError(f'spiking must be a bool, got {spiking!r}')
+        self.spiking = spiking
+
+    def set_spiking_mode(self, spiking: bool):
+        self.spiking = spiking
+
+    def forward(self, x: torch.Tensor, theta: float = 1.0, t: Optional[int] = None) -> torch.Tensor:
+        if self.spiking:
+            return _RectSpike.apply(x, self.alpha, theta)
+        return self.alpha * torch.clamp(x + theta / 2, min=0.0, max=theta)
+
+    def extra_repr(self):
+        return f'alpha={self.alpha}, spiking={self.spiking}'
+
+
+def _triangle_primitive(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    r""":math:`\Phi_a(x)`, the antiderivative of the triangle :math:`\max(0, a(1 - a|x|))`."""
+    ax = a * x
+    lower = 0.5 * (ax + 1) ** 2
+    upper = 1 - 0.5 * (1 - ax) ** 2
+    zero = torch.zeros((), dtype=ax.dtype, device=ax.device)
+    one = torch.ones((), dtype=ax.dtype, device=ax.device)
+    return torch.where(ax < -1, zero, torch.where(ax < 0, lower, torch.where(ax < 1, upper, one)))
+
+
+class TSG(nn.Module):
+    r"""Time-step-wise learnable surrogate gradient, Eq. (15)-(17).
+
+    A triangle per level whose sharpness :math:`a_t` is learned per layer and per time step:
+
+    .. math::
+        g_t(x) = \max\bigl(0,\ a_t (1 - a_t |x|)\bigr), \qquad
+        a_t = (a_{max} - a_{min})\,\sigma(p_t) + a_{min},
+
+    which is Eq. (17) with scale :math:`s = a_{max} - a_{min}` and bias :math:`b = a_{min}`;
+    :math:`p` is an ``nn.Parameter`` of length ``T``.
+
+    The forward pass is the exact step; the backward pass is that of the triangle's antiderivative
+    :math:`\Phi_a` (straight-through estimator), so per level
+    :math:`\partial n / \partial a = x (1 - a|x|)` for :math:`|x| < 1/a`, else 0.
+
+    Parameters
+    ----------
+    T : int
+        Number of learnable steps. ``T = 1`` shares one :math:`a` across all steps (the paper's
+        degenerate case). With ``T > 1`` step ``t`` uses :math:`a_t`; a longer sequence is an
+        error, a shorter one uses the first entries.
+    alpha_init, alpha_min, alpha_max : float
+        Initial value and range of :math:`a_t` (defaults 2.0, 0.5, 3.5; ``a = 2`` was the best
+        fixed value in the paper's Table I).
+    spiking : bool
+        ``False`` makes the forward the primitive :math:`\Phi_a(x)` itself.
+
+    Examples
+    --------
+    >>> sg = TSG(T=4)
+    >>> sg.alpha()
+    tensor([2., 2., 2., 2.], grad_fn=<AddBackward0>)
+    >>> x = torch.tensor([0.1, -0.1])
+    >>> sg(x, t=2)
+    tensor([1., 0.], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, T: int, alpha_init: float = 2.0, alpha_min: float = 0.5,
+                 alpha_max: float = 3.5, spiking: bool = True):
+        super().__init__()
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
+            raise ValueError(f'T must be an integer >= 1 (the number of time steps), got {T!r}')
+        alpha_min = _check_real('alpha_min', alpha_min, positive=True)
+        alpha_max = _check_real('alpha_max', alpha_max, positive=True)
+        alpha_init = _check_real('alpha_init', alpha_init, positive=True)
+        if not alpha_min < alpha_max:
+            raise ValueError(f'alpha_min must be < alpha_max, got alpha_min={alpha_min}, alpha_max={alpha_max}')
+        if not alpha_min < alpha_init < alpha_max:
+            raise ValueError(f'alpha_init must lie strictly between alpha_min={alpha_min} and '
+                             f'alpha_max={alpha_max}, got {alpha_init}')
+        self.T = int(T)
+        self.alpha_min = alpha_min
+        self.alpha_max = alpha_max
+        self.alpha_init = alpha_init
+        self.spiking = spiking
+        q = (alpha_init - alpha_min) / (alpha_max - alpha_min)
+        self.p = nn.Parameter(torch.full((self.T,), math.log(q / (1 - q))))
+
+    def set_spiking_mode(self, spiking: bool):
+        self.spiking = spiking
+
+    def alpha(self) -> torch.Tensor:
+        """All :math:`a_t`, shape ``[T]``, differentiable with respect to ``p``."""
+        return (self.alpha_max - self.alpha_min) * torch.sigmoid(self.p) + self.alpha_min
+
+    def alpha_steps(self, t_start: int, steps: int) -> torch.Tensor:
+        r"""The :math:`a_t` of steps ``t_start .. t_start + steps - 1``, shape ``[steps]``.
+
+        Raises ``ValueError`` when the steps run past ``T`` (for ``T > 1``).
+        """
+        a = self.alpha()
+        if self.T == 1:
+            return a.expand(steps)
+        if t_start + steps > self.T:
+            raise ValueError(
+                f'TSG has T={self.T} learnable time steps but the sequence needs steps '
+                f'{t_start}..{t_start + steps - 1} (length {t_start + steps}); call '
+                f'spikingjelly.activation_based.functional.reset_net(net) between samples, or '
+                f'build TSG(T={t_start + steps}).')
+        return a[t_start:t_start + steps]
+
+    def forward(self, x: torch.Tensor, theta: float = 1.0, t: Optional[int] = 0) -> torch.Tensor:
+        a = self.alpha_steps(0 if t is None else int(t), 1)[0].to(x.dtype)
+        phi = _triangle_primitive(x, a)
+        if not self.spiking:
+            return phi
+        return heaviside(x).detach() + (phi - phi.detach())
+
+    def extra_repr(self):
+        return (f'T={self.T}, alpha_init={self.alpha_init}, alpha_min={self.alpha_min}, '
+                f'alpha_max={self.alpha_max}, spiking={self.spiking}')
+
+
+def level_spike(surrogate_function, x: torch.Tensor, theta: float, t: int) -> torch.Tensor:
+    r"""Spike of one firing level: :math:`H(x)` forward, the surrogate's derivative backward.
+
+    ``theta`` is the threshold of that side (used by :class:`CFRect`), ``t`` the absolute step
+    index (used by :class:`TSG`). Any other module (a SpikingJelly surrogate) is called as
+    ``surrogate_function(x)``.
+    """
+    if isinstance(surrogate_function, CFRect):
+        return surrogate_function(x, theta)
+    if isinstance(surrogate_function, TSG):
+        return surrogate_function(x, t=t)
+    return surrogate_function(x)
+
+
+def _spikingjelly_kind(surrogate_function) -> Optional[str]:
+    try:
+        from spikingjelly.activation_based import surrogate as sj_surrogate
+    except ImportError:  # pragma: no cover - spikingjelly is a hard dependency
+        return None
+    for kind, name in (('sigmoid', 'Sigmoid'), ('atan', 'ATan')):
+        cls = getattr(sj_surrogate, name, None)
+        if cls is not None and type(surrogate_function) is cls:
+            return kind
+    return None
+
+
+def surrogate_spec(surrogate_function, t_start: int, T: int,
+                   device: Union[torch.device, str, None] = None
+                   ) -> Optional[Tuple[str, Union[float, torch.Tensor]]]:
+    r"""What a fused kernel needs to know of a surrogate, or ``None`` if no kernel can run it.
+
+    Returns
+    -------
+    (kind, alpha)
+        ``kind`` is ``'rect'``, ``'tsg'``, ``'sigmoid'`` or ``'atan'``. ``alpha`` is a float, or for
+        TSG the differentiable float32 tensor of :math:`a_t` for steps ``t_start .. t_start+T-1``
+        (shape ``[T]``, on ``device``).
+    None
+        For a surrogate in ``spiking=False`` mode or of any other class.
+    """
+    kind = kernel_kind(surrogate_function)
+    if kind is None:
+        return None
+    if kind == 'tsg':
+        a = surrogate_function.alpha_steps(t_start, T).float()
+        if device is not None:
+            a = a.to(device)
+        return 'tsg', a
+    return kind, float(surrogate_function.alpha)
+
+
+def kernel_kind(surrogate_function) -> Optional[str]:
+    """``'rect'``, ``'tsg'``, ``'sigmoid'`` or ``'atan'`` when a fused kernel can run this
+    surrogate (spiking mode), else ``None``."""
+    if not getattr(surrogate_function, 'spiking', True):
+        return None
+    if isinstance(surrogate_function, CFRect):
+        return 'rect'
+    if isinstance(surrogate_function, TSG):
+        return 'tsg'
+    return _spikingjelly_kind(surrogate_function)
