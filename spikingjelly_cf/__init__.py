@@ -22,9 +22,7 @@ _sj_neuron.CFNode = CFNode
 _sj_surrogate.CFRect = CFRect
 _sj_surrogate.TSG = TSG
 
-try:  # monitors land in their own module
-    from .monitor import *  # noqa: F401,F403
-    from .monitor import __all__ as _monitor_all
-    __all__ += list(_monitor_all)
-except ImportError:  # pragma: no cover
-    pass
+from . import monitor  # noqa: E402
+from .monitor import *  # noqa: E402,F401,F403
+
+__all__ += ['monitor'] + list(monitor.__all__)

@@ -124,8 +124,8 @@ def cf_multi_step_ref(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
 
     Examples
     --------
-    >>> x = torch.tensor([[1.2], [0.5], [-2.5]])
-    >>> s, v, h, _ = cf_multi_step_ref(x, torch.zeros(1), return_h_seq=True)
+    >>> x = torch.tensor([[1.2], [0.5], [-2.5]], dtype=torch.float64)
+    >>> s, v, h, _ = cf_multi_step_ref(x, torch.zeros(1, dtype=torch.float64), return_h_seq=True)
     >>> s.flatten().tolist(), h.flatten().tolist()
     ([1.0, 0.0, -2.0], [1.2, 0.55, -2.3625])
     """
