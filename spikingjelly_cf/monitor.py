@@ -110,12 +110,11 @@ class _ForwardHookMonitor:
         return self
 
     def remove(self):
-        """Detach the hooks for good, undo every change made to the monitored modules and
-        forget what was accumulated."""
+        """Detach the hooks for good and undo every change made to the monitored modules.
+        What was accumulated stays readable (so a table can be printed after a ``with`` block)."""
         if not self._removed:
             self.disable()
             self._on_remove()
-            self.reset()
             self._removed = True
 
     def _on_remove(self):
