@@ -1,0 +1,170 @@
+"""The benchmark scripts in ``--quick`` mode: they run, check correctness and write sane reports.
+
+Each script runs once per module as a subprocess (against the SpikingJelly this test session
+imports) with a temporary output folder. Timings are not asserted: only that every figure is
+there, positive and finite, that the CF backends passed their correctness check, and that no
+baseline vanished without a reason.
+"""
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('matplotlib')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, 'benchmarks')
+
+
+def _run_quick(script: str, out_dir: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    env.setdefault('MPLBACKEND', 'Agg')
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), '--quick', '--device', 'cpu',
+                           '--out', out_dir], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=REPO)
+    assert proc.returncode == 0, f'{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}'
+    return proc
+
+
+def _outputs(out_dir: str, prefix: str):
+    folders = glob.glob(os.path.join(out_dir, '*_cpu-*core'))
+    assert len(folders) == 1, folders
+    stems = glob.glob(os.path.join(folders[0], f'{prefix}_*.json'))
+    assert len(stems) == 1, stems
+    stem = stems[0][:-len('.json')]
+    for ext in ('.json', '.md', '.png'):
+        assert os.path.getsize(stem + ext) > 100, stem + ext
+    with open(stem + '.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    with open(stem + '.json') as f:
+        payload = json.load(f)
+    with open(stem + '.md') as f:
+        markdown = f.read()
+    return payload, markdown
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_meta(meta: dict):
+    import spikingjelly_cf
+    for key in ('date', 'git_commit', 'torch', 'spikingjelly', 'spikingjelly_cf', 'device',
+                'device_label', 'cpu_count'):
+        assert meta.get(key) not in (None, ''), key
+    assert meta['torch'] == torch.__version__
+    assert meta['spikingjelly'] == spikingjelly_cf.SPIKINGJELLY_VERSION
+
+
+@pytest.fixture(scope='module')
+def neuron_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('bench_neuron'))
+    proc = _run_quick('bench_neuron.py', out)
+    payload, markdown = _outputs(out, 'neuron')
+    return proc, payload, markdown
+
+
+@pytest.fixture(scope='module')
+def training_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('bench_training'))
+    proc = _run_quick('bench_training.py', out)
+    payload, markdown = _outputs(out, 'training')
+    return proc, payload, markdown
+
+
+def test_neuron_quick_reports(neuron_run):
+    proc, payload, markdown = neuron_run
+    _check_meta(payload['meta'])
+    assert payload['config']['quick'] is True
+    # correctness checked before timing, and passed, for every CF backend that ran
+    assert payload['checks']
+    assert all(c['passed'] for c in payload['checks']), payload['checks']
+    checked = {c['candidate'] for c in payload['checks']}
+    assert 'CFNode[torch]' in checked
+    ok = [r for r in payload['results'] if r['status'] == 'ok']
+    for r in ok:
+        assert _positive(r['time_s']['median']) and r['time_s']['repeats'] >= 3, r
+        assert r['time_s']['q25'] <= r['time_s']['median'] <= r['time_s']['q75'] + 1e-12
+        assert _positive(r['bytes_moved'])
+        assert r['peak_memory_bytes'] is None or r['peak_memory_bytes'] >= 0
+    # every mode has the default CF backend, a LIF baseline and the copy limit
+    for mode in ('inference', 'training'):
+        rows = [r for r in ok if r['mode'] == mode]
+        assert any(r['family'] == 'CF' and r['default'] for r in rows), mode
+        assert any(r['family'] == 'LIF' for r in rows), mode
+        assert any(r['family'] == 'copy' for r in rows), mode
+    # nothing dropped silently: whatever did not run says why
+    for r in payload['results']:
+        if r['status'] != 'ok':
+            assert r.get('reason'), r
+    # ratios are measured in this run and sane
+    assert payload['ratios']
+    for r in payload['ratios']:
+        assert _positive(r['cf_over_other']) and _positive(r['speedup']), r
+    assert payload['targets']
+    for t in payload['targets']:
+        assert _positive(t['value']) or t.get('reason'), t
+    for key in ('inference', 'training'):
+        assert key in payload['bytes_formulas']
+    for heading in ('Correctness', 'Targets', 'median time', 'peak memory'):
+        assert heading in markdown
+    assert 'targets (issue 6)' in proc.stdout
+
+
+def test_training_quick_reports(training_run):
+    proc, payload, markdown = training_run
+    _check_meta(payload['meta'])
+    assert {s['network'] for s in payload['summary']} == {'dvs-vgg', 'DVSGestureNet'}
+    for s in payload['summary']:
+        assert _positive(s['cf_over_lif']), s
+        assert s['passed'] in (True, False)
+    for r in payload['results']:
+        assert r['status'] in ('ok', 'unavailable'), r
+        if r['status'] == 'ok':
+            assert _positive(r['time_s']['median']) and math.isfinite(r['first_loss'])
+        else:
+            assert r.get('reason')
+    assert 'CF / LIF' in markdown
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f'_bench_{name}', os.path.join(BENCH, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bytes_moved_formula():
+    bench = _load('bench_neuron')
+    assert bench.bytes_moved('inference', 8, 2 ** 20, 4) == (2 * 8 + 2) * 2 ** 20 * 4
+    assert bench.bytes_moved('training', 8, 2 ** 20, 2) == (6 * 8 + 3) * 2 ** 20 * 2
+
+
+@pytest.mark.parametrize('k_pos,k_neg', [(2, 2), (1, 0), (3, 1)])
+def test_flexsn_cf_core_matches_reference(k_pos, k_neg):
+    """The single-step CF function given to FlexSN is the CF neuron: spikes, v and gradients."""
+    from spikingjelly_cf.functional.neuron import cf_multi_step_ref
+    bench = _load('bench_neuron')
+    core = bench.flexsn_cf_core_factory(k_pos=k_pos, k_neg=k_neg)
+    x = (torch.randn(6, 257, dtype=torch.float64) * 1.5).requires_grad_(True)
+    g = torch.randn(6, 257, dtype=torch.float64)
+    v = torch.zeros(257, dtype=torch.float64)
+    spikes = []
+    for t in range(x.shape[0]):
+        s, v = core(x[t], v)
+        spikes.append(s)
+    s_seq = torch.stack(spikes)
+    grad, = torch.autograd.grad(s_seq, x, g)
+    s_ref, v_ref, _, _ = cf_multi_step_ref(x, torch.zeros(257, dtype=torch.float64), k_pos=k_pos,
+                                           k_neg=k_neg)
+    grad_ref, = torch.autograd.grad(s_ref, x, g)
+    assert torch.equal(s_seq.detach(), s_ref.detach())
+    torch.testing.assert_close(v.detach(), v_ref.detach())
+    torch.testing.assert_close(grad, grad_ref)
