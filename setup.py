@@ -35,7 +35,11 @@ cpu_kernel = Extension(
     'spikingjelly_cf._cf_cpu',
     sources=['spikingjelly_cf/csrc/cf_cpu.c'],
     include_dirs=['spikingjelly_cf/csrc'],
-    extra_compile_args=['-O3', '-fopenmp', '-ffp-contract=off', '-std=c99'],
+    depends=['spikingjelly_cf/csrc/cf_step.h'],
+    libraries=['m'],
+    # -ffp-contract=off: no FMA contraction, so spikes match the PyTorch reference bit for bit;
+    # -fno-trapping-math: lets gcc vectorise the TSG backward's selects (10x faster).
+    extra_compile_args=['-O3', '-fopenmp', '-ffp-contract=off', '-fno-trapping-math', '-std=c99'],
     extra_link_args=['-fopenmp'],
 )
 

@@ -1,0 +1,184 @@
+r"""Backend ``'cpp'``: the compiled CPU kernel (float32, OpenMP over neurons).
+
+The kernel is ``csrc/cf_cpu.c``, built by ``setup.py`` as the optional extension module
+``spikingjelly_cf._cf_cpu``; its per-neuron arithmetic is ``csrc/cf_step.h``, the same header the
+CUDA kernels compile. The module itself is empty: the two C functions ``cf_cpu_forward`` and
+``cf_cpu_backward`` are called through :mod:`ctypes`, which releases the GIL during the call.
+They use ``torch.get_num_threads()`` threads.
+
+If the extension is not built (no compiler at install time), :func:`available` is ``False``,
+:func:`unavailable_reason` says why, and the dispatcher uses the reference with a one-time
+warning. Setting the environment variable ``SPIKINGJELLY_CF_DISABLE_CPP=1`` disables the backend.
+Build it in a source checkout with ``python setup.py build_ext --inplace``.
+"""
+import ctypes
+import importlib.util
+import os
+import threading
+from typing import Optional
+
+import torch
+
+from ._common import KIND_CODES, grad_view, prepare, ptr
+
+__all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path']
+
+_ABI_VERSION = 1  # CF_ABI_VERSION in csrc/cf_cpu.c
+
+_lock = threading.Lock()
+_lib = None
+_path: Optional[str] = None
+_reason: Optional[str] = None
+
+_p, _i64, _i32, _f32, _f64 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float,
+                              ctypes.c_double)
+
+
+def _load():
+    """Load the extension once; on failure remember why."""
+    global _lib, _path, _reason
+    with _lock:
+        if _lib is not None or _reason is not None:
+            return _lib
+        if os.environ.get('SPIKINGJELLY_CF_DISABLE_CPP', '') not in ('', '0'):
+            _reason = 'disabled by SPIKINGJELLY_CF_DISABLE_CPP'
+            return None
+        try:
+            spec = importlib.util.find_spec('spikingjelly_cf._cf_cpu')
+        except (ImportError, ValueError):  # pragma: no cover - broken package layout
+            spec = None
+        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+            _reason = ('the compiled CPU kernel spikingjelly_cf._cf_cpu is not built (install with '
+                       'a C compiler that supports OpenMP, or run '
+                       '`python setup.py build_ext --inplace` in a source checkout)')
+            return None
+        try:
+            lib = ctypes.CDLL(spec.origin)
+            version = lib.cf_cpu_abi_version()
+        except (OSError, AttributeError) as exc:
+            _reason = f'cannot load {spec.origin}: {exc}'
+            return None
+        if version != _ABI_VERSION:
+            _reason = (f'{spec.origin} has kernel ABI {version}, this Python code needs '
+                       f'{_ABI_VERSION}: rebuild it (`python setup.py build_ext --inplace`)')
+            return None
+        lib.cf_cpu_forward.restype = _i32
+        lib.cf_cpu_forward.argtypes = [_p, _p, _p, _p, _p, _p, _i64, _i64, _f32, _f32, _f64, _f64,
+                                       _i32, _i32, _i32]
+        lib.cf_cpu_backward.restype = _i32
+        lib.cf_cpu_backward.argtypes = [_i32, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _f32,
+                                        _f32, _f64, _f64, _i32, _i32, _i32, _i32]
+        _lib, _path = lib, spec.origin
+        return _lib
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel is built and loadable."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is ``False`` (empty string when it is ``True``)."""
+    _load()
+    return _reason or ''
+
+
+def library_path() -> Optional[str]:
+    """Path of the loaded extension file, or ``None``."""
+    _load()
+    return _path
+
+
+#: Number of kernel launches (forward and backward) since import; tests use it to prove the
+#: compiled path ran.
+launch_count = 0
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f'spikingjelly_cf._cf_cpu: {what} could not allocate its scratch buffer')
+
+
+class CFMultiStepCPU(torch.autograd.Function):
+    """Fused multi-step CF neuron on ``[T, N]`` float32 CPU tensors (see :func:`cf_multi_step_cpp`).
+
+    Saves only ``h_seq`` (and TSG's ``alpha``) for the backward pass, and nothing when no input
+    requires a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset,
+                return_h_seq, return_v_seq, grad_enabled):
+        global launch_count
+        lib = _load()
+        T, N = x.shape
+        # needs_input_grad is True under torch.no_grad() too: ask the caller's grad mode as well
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
+        s = torch.empty_like(x)
+        v_last = torch.empty_like(v0)
+        h = torch.empty_like(x) if (return_h_seq or needs_grad) else None
+        v_seq = torch.empty_like(x) if return_v_seq else None
+        _check(lib.cf_cpu_forward(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
+                                  v_last.data_ptr(), T, N, k, c, theta_p, theta_n, k_pos, k_neg,
+                                  torch.get_num_threads()), 'forward')
+        launch_count += 1
+        if needs_grad:
+            ctx.save_for_backward(h, alpha)
+            ctx.params = (KIND_CODES[kind], k, c, theta_p, theta_n, k_pos, k_neg,
+                          int(detach_reset))
+        ctx.set_materialize_grads(False)
+        return s, v_last, (h if return_h_seq else None), v_seq
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_v_last, grad_h, grad_v_seq):
+        global launch_count
+        lib = _load()
+        h, alpha = ctx.saved_tensors
+        kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset = ctx.params
+        T, N = h.shape
+        f32 = torch.float32
+        grad_s, grad_h, grad_v_seq, grad_v_last = (grad_view(g, f32) for g in
+                                                   (grad_s, grad_h, grad_v_seq, grad_v_last))
+        grad_x = torch.empty_like(h)
+        grad_v0 = torch.empty(N, dtype=f32)
+        grad_alpha = (torch.empty(T, dtype=f32)
+                      if kind == KIND_CODES['tsg'] and ctx.needs_input_grad[2] else None)
+        _check(lib.cf_cpu_backward(kind, h.data_ptr(), ptr(grad_s), ptr(grad_h), ptr(grad_v_seq),
+                                   ptr(grad_v_last), alpha.data_ptr(), grad_x.data_ptr(),
+                                   grad_v0.data_ptr(), ptr(grad_alpha), T, N, k, c, theta_p,
+                                   theta_n, k_pos, k_neg, detach_reset, torch.get_num_threads()),
+               'backward')
+        launch_count += 1
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_v0 if ctx.needs_input_grad[1] else None,
+                grad_alpha) + (None,) * 11
+
+
+def cf_multi_step_cpp(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
+                      decay_input: bool = False, v_threshold: float = 1.0,
+                      v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
+                      surrogate_function=None, detach_reset: bool = False, t_start: int = 0,
+                      return_h_seq: bool = False, return_v_seq: bool = False):
+    r"""Multi-step CF neuron on the compiled CPU kernel; the contract of
+    :func:`spikingjelly_cf.functional.neuron.cf_multi_step_ref` (float32 CPU tensors only).
+
+    Shape: ``x_seq`` ``[T, *]``, ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``,
+    ``h_seq`` / ``v_seq`` ``[T, *]`` or ``None``. Gradients flow to ``x_seq``, ``v`` and TSG's
+    parameter; the incoming gradients of all four outputs are used.
+    """
+    if not isinstance(x_seq, torch.Tensor) or x_seq.device.type != 'cpu' \
+            or x_seq.dtype != torch.float32:
+        raise TypeError(f"backend 'cpp' runs float32 CPU tensors, got "
+                        f"{getattr(x_seq, 'dtype', type(x_seq).__name__)} on "
+                        f"{getattr(x_seq, 'device', '?')}")
+    if _load() is None:
+        raise RuntimeError(f"backend 'cpp' is unavailable: {_reason}")
+    call = prepare('cpp', x_seq, v, tau, decay_input, v_threshold, v_threshold_neg, k_pos, k_neg,
+                   surrogate_function, detach_reset, t_start, v_dtype=torch.float32)
+    s, v_last, h, v_seq = CFMultiStepCPU.apply(
+        call.x, call.v0, call.alpha, call.kind, call.k, call.c, call.theta_p, call.theta_n,
+        call.k_pos, call.k_neg, call.detach_reset, bool(return_h_seq), bool(return_v_seq),
+        torch.is_grad_enabled())
+    T, tail = x_seq.shape[0], call.tail
+    return (s.view(T, *tail), v_last.view(tail), None if h is None else h.view(T, *tail),
+            None if v_seq is None else v_seq.view(T, *tail))

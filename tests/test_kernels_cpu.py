@@ -1,0 +1,209 @@
+"""The compiled CPU kernel (backend 'cpp') against the reference ``cf_multi_step_ref``.
+
+The kernel is part of what CI builds, so a missing extension FAILS these tests; set
+``SPIKINGJELLY_CF_ALLOW_NO_EXT=1`` to skip them instead (e.g. a machine without a C compiler).
+Spikes must be bit-equal (both paths round the same float32 operations, see csrc/cf_step.h);
+states and gradients agree to float32 tolerance.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from spikingjelly.activation_based import surrogate as sj_surrogate
+
+from spikingjelly_cf import backends
+from spikingjelly_cf.backends import cpp
+from spikingjelly_cf.functional.neuron import cf_multi_step, cf_multi_step_ref
+from spikingjelly_cf.surrogate import TSG, CFRect
+
+RTOL = ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    if not cpp.available():
+        message = f'compiled CPU kernel unavailable: {cpp.unavailable_reason()}'
+        if os.environ.get('SPIKINGJELLY_CF_ALLOW_NO_EXT', '') not in ('', '0'):
+            pytest.skip(message)
+        pytest.fail(message + ' (set SPIKINGJELLY_CF_ALLOW_NO_EXT=1 to skip)')
+
+
+def make_surrogate(name: str, alpha: float, tsg_steps: int):
+    if name == 'rect':
+        return CFRect(alpha=alpha)
+    if name == 'tsg':
+        sg = TSG(T=tsg_steps)
+        with torch.no_grad():  # distinct a_t per step
+            sg.p.copy_(torch.linspace(-1.5, 1.5, tsg_steps) * alpha)
+        return sg
+    if name == 'sigmoid':
+        return sj_surrogate.Sigmoid(alpha=4.0 * alpha)
+    return sj_surrogate.ATan(alpha=2.0 * alpha)
+
+
+def run(fn, x, v, sg, kwargs, upstream):
+    """Forward, then one shared upstream gradient into every requested output."""
+    x = x.detach().clone().requires_grad_(True)
+    v = v.detach().clone().requires_grad_(True)
+    for p in sg.parameters():
+        p.grad = None
+    s, v_last, h, v_seq = fn(x, v, surrogate_function=sg, **kwargs)
+    loss = (s * upstream['s']).sum()
+    if upstream.get('v_last') is not None:
+        loss = loss + (v_last * upstream['v_last']).sum()
+    if h is not None and upstream.get('h') is not None:
+        loss = loss + (h * upstream['h']).sum()
+    if v_seq is not None and upstream.get('v_seq') is not None:
+        loss = loss + (v_seq * upstream['v_seq']).sum()
+    loss.backward()
+    grads = [x.grad, v.grad] + [p.grad for p in sg.parameters()]
+    return (s, v_last, h, v_seq), grads
+
+
+def assert_close(actual, expected, what):
+    assert actual.shape == expected.shape, what
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * scale,
+                               msg=lambda m: f'{what}: {m}')
+
+
+def compare(x, v, sg, kwargs, upstream):
+    (outs_r, grads_r) = run(cf_multi_step_ref, x, v, sg, kwargs, upstream)
+    (outs_k, grads_k) = run(cpp.cf_multi_step_cpp, x, v, sg, kwargs, upstream)
+    s_r, v_r, h_r, vs_r = outs_r
+    s_k, v_k, h_k, vs_k = outs_k
+    assert s_k.dtype == x.dtype and s_k.shape == x.shape
+    assert torch.equal(s_k, s_r), f'spikes differ at {(s_k != s_r).nonzero()[:5].tolist()}'
+    assert_close(v_k, v_r, 'v_last')
+    for name, a, b in (('h_seq', h_k, h_r), ('v_seq', vs_k, vs_r)):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a, b, name)
+    for name, a, b in zip(('grad x_seq', 'grad v', 'grad TSG p'), grads_k, grads_r):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a, b, name)
+
+
+@st.composite
+def configs(draw):
+    T = draw(st.integers(1, 6))
+    n = draw(st.integers(1, 41))  # odd and even neuron counts
+    tail = draw(st.sampled_from([(n,), (n, 2), (2, n, 1)]))
+    theta_p = draw(st.floats(0.25, 2.0))
+    theta_n = -theta_p * draw(st.sampled_from([1.0, 0.5, 1.7]))
+    sg_name = draw(st.sampled_from(['rect', 'tsg', 'sigmoid', 'atan']))
+    t_start = draw(st.integers(0, 2)) if sg_name == 'tsg' else 0
+    tsg_steps = draw(st.sampled_from([1, T + t_start, T + t_start + 3]))
+    kwargs = dict(
+        tau=draw(st.floats(1.05, 5.0)),
+        decay_input=draw(st.booleans()),
+        v_threshold=theta_p,
+        v_threshold_neg=theta_n,
+        k_pos=draw(st.integers(1, 4)),
+        k_neg=draw(st.integers(0, 4)),
+        detach_reset=draw(st.booleans()),
+        t_start=t_start,
+        return_h_seq=draw(st.booleans()),
+        return_v_seq=draw(st.booleans()),
+    )
+    return dict(T=T, tail=tail, kwargs=kwargs, sg_name=sg_name, tsg_steps=tsg_steps,
+                alpha=draw(st.sampled_from([0.5, 1.0, 2.0])),
+                scale=draw(st.sampled_from([0.5, 1.5, 3.0])),
+                v0_scale=draw(st.sampled_from([0.0, 1.0])),
+                grads=draw(st.fixed_dictionaries({k: st.booleans()
+                                                  for k in ('v_last', 'h', 'v_seq')})),
+                seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_cpp_matches_reference(cfg):
+    gen = torch.Generator().manual_seed(cfg['seed'])
+    T, tail = cfg['T'], cfg['tail']
+    x = torch.randn((T,) + tail, generator=gen) * cfg['scale']
+    v = torch.randn(tail, generator=gen) * cfg['v0_scale']
+    upstream = {'s': torch.randn((T,) + tail, generator=gen)}
+    for name, shape in (('v_last', tail), ('h', (T,) + tail), ('v_seq', (T,) + tail)):
+        upstream[name] = torch.randn(shape, generator=gen) if cfg['grads'][name] else None
+    sg = make_surrogate(cfg['sg_name'], cfg['alpha'], cfg['tsg_steps'])
+    compare(x, v, sg, cfg['kwargs'], upstream)
+
+
+@pytest.mark.parametrize('sg_name', ['rect', 'tsg', 'sigmoid', 'atan'])
+@pytest.mark.parametrize('k_pos,k_neg', [(2, 2), (1, 0), (3, 1), (5, 5)])
+@pytest.mark.parametrize('N', [3 * 512 + 7, 70001])
+def test_cpp_many_blocks(sg_name, k_pos, k_neg, N):
+    """Several neuron blocks (512 to 8192 neurons each, by N) and a ragged last block;
+    fixed-K specialisations (2,2), (1,0) and the any-K path (3,1), (5,5)."""
+    T = 4
+    x = torch.randn(T, N) * 2
+    v = torch.randn(N)
+    upstream = {'s': torch.randn(T, N), 'v_last': torch.randn(N), 'h': torch.randn(T, N),
+                'v_seq': torch.randn(T, N)}
+    kwargs = dict(tau=2.0, decay_input=True, v_threshold=0.7, v_threshold_neg=-0.9, k_pos=k_pos,
+                  k_neg=k_neg, detach_reset=False, t_start=0, return_h_seq=True,
+                  return_v_seq=True)
+    compare(x, v, make_surrogate(sg_name, 1.0, T), kwargs, upstream)
+
+
+def test_tsg_gradient_deterministic_across_thread_counts():
+    T, N = 5, 4 * 512 + 3
+    x = torch.randn(T, N, requires_grad=True)
+    sg = make_surrogate('tsg', 1.0, T)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            sg.p.grad = None
+            s, v_last, _, _ = cpp.cf_multi_step_cpp(x, torch.zeros(N), surrogate_function=sg)
+            (s.sum() + v_last.sum()).backward()
+            grads.append(sg.p.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+
+
+def test_no_grad_saves_nothing_and_skips_h():
+    x = torch.randn(3, 10)
+    before = cpp.launch_count
+    with torch.no_grad():
+        s, v_last, h, v_seq = cpp.cf_multi_step_cpp(x, torch.zeros(10))
+    assert cpp.launch_count == before + 1
+    assert h is None and v_seq is None and s.grad_fn is None
+    s_r, v_r, _, _ = cf_multi_step_ref(x, torch.zeros(10))
+    assert torch.equal(s, s_r)
+    torch.testing.assert_close(v_last, v_r, rtol=RTOL, atol=ATOL)
+
+
+def test_non_contiguous_input_and_trailing_shape():
+    base = torch.randn(6, 5, 4)
+    x = base.transpose(1, 2)  # [T=6, 4, 5], not contiguous
+    assert not x.is_contiguous()
+    upstream = {'s': torch.randn(6, 4, 5), 'v_last': torch.randn(4, 5)}
+    compare(x, torch.randn(4, 5), CFRect(), dict(return_h_seq=False, return_v_seq=False), upstream)
+
+
+def test_dispatcher_picks_cpp_for_cpu_float32():
+    assert backends.available_backends('cpu', torch.float32) == ('cpp', 'torch')
+    assert backends.available_backends('cpu', torch.float64) == ('torch',)
+    assert backends.get('cpp') is cpp.cf_multi_step_cpp
+    before = cpp.launch_count
+    x = torch.randn(4, 7, requires_grad=True)
+    s, _, _, _ = cf_multi_step(x, torch.zeros(7))
+    s.sum().backward()
+    assert cpp.launch_count == before + 2  # forward and backward ran in the kernel
+    before = cpp.launch_count
+    cf_multi_step(x.double(), torch.zeros(7, dtype=torch.float64))
+    assert cpp.launch_count == before  # float64 runs on the reference
+
+
+def test_cpp_rejects_what_it_cannot_run():
+    with pytest.raises(TypeError, match='float32'):
+        cpp.cf_multi_step_cpp(torch.randn(2, 3, dtype=torch.float64), torch.zeros(3))
+    with pytest.raises(ValueError, match='supports the surrogates'):
+        cpp.cf_multi_step_cpp(torch.randn(2, 3), torch.zeros(3),
+                              surrogate_function=sj_surrogate.PiecewiseQuadratic())
