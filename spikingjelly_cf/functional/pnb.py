@@ -113,32 +113,60 @@ def pnb_statistics(h: torch.Tensor, v_threshold: float, v_threshold_neg: float, 
     if h.dtype != torch.float64:
         # half-precision sums over millions of potentials overflow or lose all precision
         h = h.float()
-    h = h.reshape(-1)
-    hd = h.detach()
+    return _PNBStatistics.apply(h.reshape(-1), a, b, K)
 
-    # Signed level of every potential (0: in no interval), from the interval comparisons of
-    # Eq. 18-19 themselves, so that boundaries fall exactly where the formula puts them.
-    level = torch.zeros(hd.shape, dtype=torch.int8 if K < 127 else torch.int32, device=h.device)
-    for k in range(1, K + 1):
-        level.masked_fill_((hd > (k - 1) * a) & (hd <= k * a), k)
-        level.masked_fill_((hd >= -k * b) & (hd < -(k - 1) * b), -k)
-    # centre of each potential's interval: k*a for U+_k, -k*b for U-_k (no gradient)
-    signed_level = level.to(h.dtype)
-    centre = torch.where(level > 0, signed_level * a, signed_level * b)
-    w = torch.exp(-(centre - h).abs())
-    hw = h * w
 
-    rows = []
-    zero = h.new_zeros(())
-    for k in range(1, K + 1):
-        row = []
-        for signed in (k, -k):
-            inside = level == signed
-            row.append(torch.where(inside, hw, zero).sum())
-            row.append(torch.where(inside, w, zero).sum())
-            row.append(inside.sum().to(h.dtype))
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
+def _levels_and_weights(h: torch.Tensor, a: float, b: float, K: int):
+    """Interval index ``level + K`` of every potential (``K``: in no interval; ``K + k``:
+    :math:`U^+_k`; ``K - k``: :math:`U^-_k`) and the weight ``w`` of Eq. 20-21.
+
+    Both sides have the same open/closed ends in :math:`|h|`: :math:`(k-1)\theta < |h| \le k\theta`
+    (Eq. 19: :math:`-kb \le h < -(k-1)b`), so :math:`k = \lceil |h| / \theta \rceil`, corrected by
+    one where the division rounded across a boundary.
+    """
+    ha = h.abs()
+    pos = h > 0
+    theta = torch.where(pos, torch.tensor(a, dtype=h.dtype, device=h.device),
+                        torch.tensor(b, dtype=h.dtype, device=h.device))
+    k = torch.ceil(ha / theta)
+    k -= (ha <= (k - 1) * theta).to(h.dtype)
+    k += (ha > k * theta).to(h.dtype)
+    k *= (k <= K).to(h.dtype)  # above the top level: in no interval (h = 0 gives k = 0 already)
+    w = torch.exp(-(k * theta - ha).abs())  # |k theta_signed - h| = | k theta - |h| |
+    level = torch.where(pos, k, -k).to(torch.int64)
+    return level.add_(K), w
+
+
+class _PNBStatistics(torch.autograd.Function):
+    """The ``[K, 6]`` sums in one pass each way (no ``[K, numel]`` temporaries).
+
+    Backward: with :math:`w = e^{-|c - h|}`, :math:`dw/dh = w\,\mathrm{sign}(c - h)`, so
+    :math:`\partial L/\partial h = g_{hw}(w + h\,dw/dh) + g_w\,dw/dh` with the incoming
+    gradients of the potential's own interval (counts carry none)."""
+
+    @staticmethod
+    def forward(ctx, h, a, b, K):
+        idx, w = _levels_and_weights(h, a, b, K)
+        n = 2 * K + 1
+        sums = torch.stack([h.new_zeros(n).index_add_(0, idx, h * w),
+                            h.new_zeros(n).index_add_(0, idx, w),
+                            torch.bincount(idx, minlength=n).to(h.dtype)], 1)  # [2K+1, 3]
+        ctx.save_for_backward(h, idx, w)
+        ctx.levels = (a, b, K)
+        # rows K+1..2K are U+_1..U+_K; rows K-1..0 are U-_1..U-_K
+        return torch.cat([sums[K + 1:], sums[:K].flip(0)], 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, idx, w = ctx.saved_tensors
+        a, b, K = ctx.levels
+        level = idx - K
+        centre = level.to(h.dtype) * torch.where(level > 0, a, b)
+        g = torch.cat([grad[:, [_SUM_HW_NEG, _SUM_W_NEG]].flip(0), grad.new_zeros(1, 2),
+                       grad[:, [_SUM_HW_POS, _SUM_W_POS]]])  # [2K+1, 2], indexed like idx
+        g = g[idx]
+        dw = w * torch.sign(centre - h)
+        return g[:, 0] * (w + h * dw) + g[:, 1] * dw, None, None, None
 
 
 def pnb_loss_from_statistics(stats: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
