@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the repository root on sys.path)
+import benchlib as common  # noqa: E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 

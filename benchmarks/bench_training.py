@@ -22,7 +22,7 @@ import warnings
 from typing import Callable, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the repository root on sys.path)
+import benchlib as common  # noqa: E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

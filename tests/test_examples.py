@@ -1,0 +1,174 @@
+"""End-to-end tests of the examples (tiny settings, CPU).
+
+The DVS tests read the built-in synthetic gesture set through SpikingJelly's ``DVS128Gesture``;
+with SpikingJelly 2.0.0 ``spikingjelly.datasets`` cannot be imported (it needs torchaudio), so
+they skip there. ``examples/cifar10.py --fake-data`` runs under both lines.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, 'examples')
+
+
+def _datasets_importable():
+    try:
+        import spikingjelly.datasets.dvs128_gesture  # noqa: F401
+        return True, ''
+    except Exception as e:  # SpikingJelly 2.0.0 without torchaudio
+        return False, f'{type(e).__name__}: {e}'
+
+
+_OK, _WHY = _datasets_importable()
+needs_datasets = pytest.mark.skipif(
+    not _OK, reason=f'spikingjelly.datasets cannot be imported with this SpikingJelly ({_WHY}); '
+                    f'the DVS example needs it (SpikingJelly 0.0.0.0.14)')
+
+# tiny settings: 8 + 4 samples per class, T=4, width 4, 5 epochs of 22 steps (about 10 s of CPU per run;
+# test accuracy 39-59 % over seeds 0-2, chance is 1/11)
+EPOCHS = 5
+TINY = ['-T', '4', '--width', '4', '-b', '4', '--lr', '0.05', '--epochs', str(EPOCHS), '--synthetic-train', '8',
+        '--synthetic-test', '4', '--no-progress', '--threads', '1']
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f'example_{name}', os.path.join(EXAMPLES, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_in_process(name, argv):
+    """Run an example's ``main(argv)`` here (no interpreter start-up); torch's thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        return _load_example(name).main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _env():
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in [ROOT] + sys.path if p)
+    env['OMP_NUM_THREADS'] = '1'
+    return env
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('synthetic_gesture'))
+
+
+@pytest.fixture(scope='module')
+def reference_run(data_root, tmp_path_factory):
+    """An uninterrupted tiny run (also the reference of the resume test)."""
+    out = str(tmp_path_factory.mktemp('run_full'))
+    summary = _run_in_process('dvs_gesture', TINY + ['--synthetic-root', data_root, '--out-dir', out])
+    return out, summary
+
+
+def _state(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+@needs_datasets
+def test_dvs_gesture_end_to_end(reference_run):
+    out, summary = reference_run
+    for name in ('args.json', 'summary.json', 'curves.png', 'tsg_alpha.png', 'potentials.png',
+                 'checkpoints/latest.pt', 'checkpoints/best.pt'):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.listdir(os.path.join(out, 'tensorboard'))
+    with open(os.path.join(out, 'summary.json')) as f:
+        saved = json.load(f)
+    assert saved['test_samples'] == 44 and saved['train_samples'] == 88
+    assert len(saved['history']) == EPOCHS
+    # chance is 1/11: the tiny run must clearly beat it
+    assert saved['best_test_acc'] > 2 / 11, saved['history']
+    assert saved['train_acc'] > 2 / 11
+    # energy table, spike levels of every CF layer (levels -2..2), TSG alphas, potentials
+    assert saved['energy']['total']['sops'] > 0
+    assert len(saved['energy']['layers']) == 9           # 8 convolutions + the read-out
+    assert len(saved['spike_levels']) == 8
+    assert all(set(map(int, h)) == {-2, -1, 0, 1, 2} for h in saved['spike_levels'].values())
+    assert len(saved['tsg_alpha']) == 8 and all(len(a) == 4 for a in saved['tsg_alpha'].values())
+    assert all(sum(p['counts']) > 0 for p in saved['potentials'].values())
+    ckpt = _state(os.path.join(out, 'checkpoints', 'latest.pt'))
+    for key in ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_acc', 'rng'):
+        assert key in ckpt
+    assert ckpt['epoch'] == EPOCHS
+
+
+@needs_datasets
+def test_dvs_gesture_resume_equals_uninterrupted(reference_run, data_root, tmp_path):
+    full, _ = reference_run
+    out = str(tmp_path / 'run_resumed')
+    args = TINY + ['--synthetic-root', data_root, '--out-dir', out]
+    _run_in_process('dvs_gesture', args + ['--stop-after', '2'])
+    assert _state(os.path.join(out, 'checkpoints', 'latest.pt'))['epoch'] == 2
+    assert not os.path.exists(os.path.join(out, 'summary.json'))
+    _run_in_process('dvs_gesture', args + ['--resume'])
+    a = _state(os.path.join(full, 'checkpoints', 'latest.pt'))
+    b = _state(os.path.join(out, 'checkpoints', 'latest.pt'))
+    assert a['epoch'] == b['epoch'] == EPOCHS
+    assert a['model'].keys() == b['model'].keys()
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(sa['momentum_buffer'], sb['momentum_buffer'])
+    assert [h['test_acc'] for h in a['history']] == [h['test_acc'] for h in b['history']]
+
+
+@needs_datasets
+def test_dvs_gesture_noise_evaluation(reference_run, data_root, tmp_path):
+    full, summary = reference_run
+    out = str(tmp_path / 'robustness')
+    report = _run_in_process('dvs_gesture', [
+        '--eval-only', '--checkpoint', os.path.join(full, 'checkpoints', 'latest.pt'),
+        '--noise', 'uniform', 'salt_pepper', 'gaussian', '--noise-levels', '0', '0.5',
+        '--synthetic-root', data_root,
+        '--out-dir', out, '--no-progress', '--threads', '1'])
+    assert os.path.isfile(os.path.join(out, 'robustness.json'))
+    assert os.path.isfile(os.path.join(out, 'robustness.png'))
+    assert set(report['robustness']) == {'uniform', 'salt_pepper', 'gaussian'}
+    assert report['test_acc'] == pytest.approx(summary['test_acc'])
+    for rows in report['robustness'].values():
+        assert [r['level'] for r in rows] == [0.0, 0.5]
+        assert rows[0]['acc'] == pytest.approx(report['test_acc'])   # level 0 = no noise
+
+
+@needs_datasets
+def test_dvs_gesture_torchrun_two_processes(data_root, reference_run, tmp_path):
+    out = str(tmp_path / 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(EXAMPLES, 'dvs_gesture.py')] + TINY[:-2] + [
+           '--epochs', '1', '--synthetic-root', data_root, '--out-dir', out, '--no-analysis']
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '2 process(es)' in proc.stdout
+    with open(os.path.join(out, 'summary.json')) as f:
+        saved = json.load(f)
+    assert saved['processes'] == 2
+    assert len(saved['history']) == 1
+    # metrics are reduced over both ranks: accuracies are multiples of 1/44 (the whole test set)
+    assert abs(saved['test_acc'] * 44 - round(saved['test_acc'] * 44)) < 1e-6
+    assert os.path.isfile(os.path.join(out, 'checkpoints', 'latest.pt'))
+
+
+def test_cifar10_fake_data_one_epoch(tmp_path):
+    out = str(tmp_path / 'cifar')
+    cmd = [sys.executable, os.path.join(EXAMPLES, 'cifar10.py'), '--fake-data', '--fake-train-size', '8',
+           '--fake-test-size', '8', '-T', '1', '-b', '8', '--epochs', '1', '--out-dir', out, '--no-progress']
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, 'summary.json')) as f:
+        saved = json.load(f)
+    assert saved['arch'] == 'resnet18' and saved['T'] == 1
+    assert saved['train_samples'] == 8 and saved['test_samples'] == 8
+    assert len(saved['spike_levels']) > 0 and saved['energy']['total']['flops'] > 0
+    assert os.path.isfile(os.path.join(out, 'checkpoints', 'latest.pt'))
