@@ -64,16 +64,18 @@ class DVSVGG(nn.Module):
 
 
 def example_vgg_builder() -> Tuple[Optional[Callable], str]:
-    """The DVS example's VGG builder, if ``examples/dvs_gesture.py`` exposes one."""
+    """The DVS example's VGG (``examples.dvs_gesture.VGGSNN``) as ``f(widths_scale, neuron, **kw)``."""
     try:
         module = importlib.import_module('examples.dvs_gesture')
     except Exception as exc:  # noqa: BLE001
         return None, f'examples/dvs_gesture.py not importable ({type(exc).__name__}: {exc})'.splitlines()[0]
-    for name in ('build_model', 'make_model', 'build_vgg', 'make_vgg', 'vgg'):
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return fn, f'examples.dvs_gesture.{name}'
-    return None, 'examples/dvs_gesture.py exposes no build_model/make_model/build_vgg'
+    cls = getattr(module, 'VGGSNN', None)
+    if cls is None:
+        return None, 'examples/dvs_gesture.py has no VGGSNN'
+
+    def build(width, spiking_neuron, **neuron_kwargs):
+        return cls(width, spiking_neuron, input_size=128, **neuron_kwargs)
+    return build, 'examples.dvs_gesture.VGGSNN'
 
 
 def build_network(name: str, spiking_neuron, neuron_kwargs: dict, scale: str):
@@ -88,8 +90,9 @@ def build_network(name: str, spiking_neuron, neuron_kwargs: dict, scale: str):
         net = None
         if builder is not None:
             try:
-                net = builder(spiking_neuron=spiking_neuron, **neuron_kwargs)
-                note(f'dvs-vgg: built by {where}')
+                width = 4 if scale == 'quick' else 16
+                net = builder(width, spiking_neuron, **neuron_kwargs)
+                note(f'dvs-vgg: {where}, width {width}, 128x128 input')
             except Exception as exc:  # noqa: BLE001
                 where = f'{where} failed: {type(exc).__name__}: {exc}'.splitlines()[0]
         if net is None:

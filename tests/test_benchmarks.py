@@ -113,6 +113,38 @@ def test_neuron_quick_reports(neuron_run):
         assert _positive(t['value']) or t.get('reason'), t
     for key in ('inference', 'training'):
         assert key in payload['bytes_formulas']
+    # the second and third physical-limit figures and the allocation cost
+    from spikingjelly_cf.backends import cpp
+    ft = payload['first_touch_reference']
+    assert _positive(ft['fill_preallocated_s']) and _positive(ft['alloc_and_first_fill_s'])
+    assert math.isfinite(ft['alloc_first_touch_s_per_MiB'])
+    for mode in ('inference', 'training'):
+        rows = [r for r in ok if r['mode'] == mode]
+        fresh = [r for r in rows if r['family'] == 'clone']
+        assert fresh and all(r['candidate'] == 'copy (fresh outputs)' for r in fresh), mode
+        for r in fresh:
+            assert _positive(r['time_s']['median']) and r.get('implementation'), r
+            assert _positive(r['first_touch']['alloc_and_first_fill_s']), r
+            assert math.isfinite(r['first_touch']['alloc_first_touch_s_per_MiB']), r
+        kernel = [r for r in rows if r['family'] == 'CF-kernel']
+        if cpp.available():
+            assert kernel, mode
+            assert all(_positive(r['time_s']['median']) for r in kernel), kernel
+    if cpp.available():
+        assert 'CFNode[cpp] kernel only' in checked
+    else:
+        assert any(r['family'] == 'CF-kernel' and r['status'] == 'unavailable' and r['reason']
+                   for r in payload['results'])
+    assert payload['physical_limits']
+    for m in payload['physical_limits']:
+        for key in ('copy_s', 'copy_fresh_s', 'cf_over_copy', 'cf_over_copy_fresh'):
+            assert _positive(m[key]), (key, m)
+        if cpp.available():
+            assert _positive(m['kernel_only_s']) and _positive(m['kernel_only_over_copy']), m
+    assert any('copy (fresh outputs)' in t['target'] for t in payload['targets'])
+    for heading in ('copy (fresh outputs)', 'kernel only', 'alloc+touch'):
+        assert heading in markdown, heading
+    assert 'physical limits' in proc.stdout
     for heading in ('Correctness', 'Targets', 'median time', 'peak memory'):
         assert heading in markdown
     assert 'targets (issue 6)' in proc.stdout
