@@ -207,3 +207,23 @@ def test_cpp_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match='supports the surrogates'):
         cpp.cf_multi_step_cpp(torch.randn(2, 3), torch.zeros(3),
                               surrogate_function=sj_surrogate.PiecewiseQuadratic())
+
+
+def test_pooled_h_buffer_is_safe_with_retain_graph():
+    """The saved h_seq comes from a pool; a retained graph must keep its own buffer."""
+    from spikingjelly_cf.backends import cpp
+    from spikingjelly_cf.functional import cf_multi_step
+    torch.manual_seed(0)
+    x = (torch.randn(4, 101) * 2).requires_grad_()
+    upstream = torch.randn(4, 101)
+    s, _, _, _ = cf_multi_step(x, torch.zeros(101), backend='cpp')
+    g1 = torch.autograd.grad((s * upstream).sum(), x, retain_graph=True)[0]
+    for _ in range(4):  # other calls of the same size take and return pooled buffers meanwhile
+        s2, _, _, _ = cf_multi_step((torch.randn(4, 101) * 2).requires_grad_(), torch.zeros(101),
+                                    backend='cpp')
+        s2.sum().backward()
+        del s2
+    assert cpp._pool.get(4 * 101), 'freed graphs give their h buffer back to the pool'
+    g2 = torch.autograd.grad((s * upstream).sum(), x)[0]
+    assert g1.abs().sum() > 0
+    assert torch.equal(g1, g2)

@@ -15,13 +15,14 @@ import ctypes
 import importlib.util
 import os
 import threading
+import weakref
 from typing import Optional
 
 import torch
 
 from ._common import KIND_CODES, grad_view, prepare, ptr
 
-__all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path']
+__all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache']
 
 _ABI_VERSION = 1  # CF_ABI_VERSION in csrc/cf_cpu.c
 
@@ -99,6 +100,36 @@ def _check(rc: int, what: str) -> None:
         raise MemoryError(f'spikingjelly_cf._cf_cpu: {what} could not allocate its scratch buffer')
 
 
+# -- a pool for the h_seq buffers that only the backward pass reads ---------------------------------
+# A fresh [T, N] tensor pays first-touch page faults (on the 2-core CI VM ~0.3 ms per MiB, more
+# than the kernel itself). The h_seq saved for backward never leaves this module, so it is taken
+# from a pool and given back when its autograd node is freed (weakref.finalize on ctx), which is
+# safe with retain_graph: the buffer is reused only once no graph can read it.
+_POOL_PER_SIZE = 32
+_pool: dict = {}
+
+
+def _take(T: int, N: int) -> torch.Tensor:
+    with _lock:
+        free = _pool.get(T * N)
+        if free:
+            return free.pop().view(T, N)
+    return torch.empty(T, N, dtype=torch.float32)
+
+
+def _give(buffer: torch.Tensor) -> None:
+    with _lock:
+        free = _pool.setdefault(buffer.numel(), [])
+        if len(free) < _POOL_PER_SIZE:
+            free.append(buffer)
+
+
+def empty_cache() -> None:
+    """Release the pooled ``h_seq`` buffers of the CPU kernel (like ``torch.cuda.empty_cache``)."""
+    with _lock:
+        _pool.clear()
+
+
 class CFMultiStepCPU(torch.autograd.Function):
     """Fused multi-step CF neuron on ``[T, N]`` float32 CPU tensors (see :func:`cf_multi_step_cpp`).
 
@@ -116,7 +147,13 @@ class CFMultiStepCPU(torch.autograd.Function):
         needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         s = torch.empty_like(x)
         v_last = torch.empty_like(v0)
-        h = torch.empty_like(x) if (return_h_seq or needs_grad) else None
+        if return_h_seq:  # handed to the caller: a tensor of its own
+            h = torch.empty_like(x)
+        elif needs_grad:  # read only by our backward: pooled
+            h = _take(T, N)
+            weakref.finalize(ctx, _give, h)
+        else:
+            h = None
         v_seq = torch.empty_like(x) if return_v_seq else None
         _check(lib.cf_cpu_forward(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
                                   v_last.data_ptr(), T, N, k, c, theta_p, theta_n, k_pos, k_neg,
