@@ -95,22 +95,6 @@ CF_EXPORT int cf_cpu_max_threads(void)
 #endif
 }
 
-static cf_params cf_make_params(float k, float c, double theta_p, double theta_n, int k_pos,
-                                int k_neg, int detach_reset)
-{
-    cf_params p;
-    p.k = k;
-    p.c = c;
-    p.theta_p = (float)theta_p;
-    p.theta_n = (float)theta_n;
-    p.theta_p_d = theta_p;
-    p.theta_n_d = theta_n;
-    p.k_pos = k_pos;
-    p.k_neg = k_neg;
-    p.detach_reset = detach_reset;
-    return p;
-}
-
 /* Levels float32(j * theta), j = 1..k, computed once per call (cf_level). */
 static float *cf_make_levels(int k, double theta)
 {

@@ -63,23 +63,6 @@ __device__ __forceinline__ float cf_load_or_zero(const S *p, long long i)
     return p ? cf_load(p + i) : 0.0f;
 }
 
-__device__ __forceinline__ cf_params cf_kernel_params(float k, float c, double theta_p,
-                                                      double theta_n, int k_pos, int k_neg,
-                                                      int detach_reset)
-{
-    cf_params p;
-    p.k = k;
-    p.c = c;
-    p.theta_p = (float)theta_p;
-    p.theta_n = (float)theta_n;
-    p.theta_p_d = theta_p;
-    p.theta_n_d = theta_n;
-    p.k_pos = k_pos;
-    p.k_neg = k_neg;
-    p.detach_reset = detach_reset;
-    return p;
-}
-
 /*
  * Forward.  x, s: [T, N]; v0, v_last: [N].  Optional (NULL = not written):
  * h_save [T, N] float32 (for the backward pass, or the float32 h_seq output),
@@ -185,7 +168,7 @@ __device__ __forceinline__ void cf_backward_impl(
         long long N, float k, float c, double theta_p, double theta_n, int k_pos, int k_neg)       \
     {                                                                                              \
         cf_forward_impl<S>(x, v0, s, h_save, h_out, v_seq, v_last, T, N,                           \
-                           cf_kernel_params(k, c, theta_p, theta_n, k_pos, k_neg, 0));             \
+                           cf_make_params(k, c, theta_p, theta_n, k_pos, k_neg, 0));               \
     }
 
 #define CF_DEFINE_BACKWARD(DTYPE, S, KIND, KIND_NAME)                                              \
@@ -197,7 +180,7 @@ __device__ __forceinline__ void cf_backward_impl(
     {                                                                                              \
         cf_backward_impl<S, KIND>(h_save, grad_s, grad_h, grad_v_seq, grad_v_last, alpha, grad_x, \
                                   grad_v0, grad_alpha, T, N,                                       \
-                                  cf_kernel_params(k, c, theta_p, theta_n, k_pos, k_neg,           \
+                                  cf_make_params(k, c, theta_p, theta_n, k_pos, k_neg,             \
                                                    detach_reset));                                 \
     }
 

@@ -64,6 +64,24 @@ typedef struct cf_params {
     int detach_reset; /* 1: d v / d h = 1 in the backward pass                 */
 } cf_params;
 
+/* The call's constants from the launcher's arguments (thresholds arrive as doubles so that the
+ * levels round like PyTorch's tensor-minus-Python-float). */
+CF_HD cf_params cf_make_params(float k, float c, double theta_p, double theta_n, int k_pos,
+                               int k_neg, int detach_reset)
+{
+    cf_params p;
+    p.k = k;
+    p.c = c;
+    p.theta_p = (float)theta_p;
+    p.theta_n = (float)theta_n;
+    p.theta_p_d = theta_p;
+    p.theta_n_d = theta_n;
+    p.k_pos = k_pos;
+    p.k_neg = k_neg;
+    p.detach_reset = detach_reset;
+    return p;
+}
+
 /* Level j (1-based) on one side: float32(j * theta). */
 CF_HD float cf_level(int j, double theta_d)
 {
