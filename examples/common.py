@@ -676,8 +676,13 @@ def main(task: Task, args) -> dict:
     try:
         _set_threads(args, dist_)
         if args.eval_only:
-            return _evaluate_checkpoint(task, args, dist_)
-        return _train(task, args, dist_)
+            result = _evaluate_checkpoint(task, args, dist_)
+        else:
+            result = _train(task, args, dist_)
+        # Leave together: rank 0 writes the outputs last, and a gloo rank whose peer has already
+        # torn down its process group can abort at exit ('terminate called ...').
+        dist_.barrier()
+        return result
     finally:
         dist_.close()
 
