@@ -7,14 +7,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..surrogate import CFRect, surrogate_spec
+from ..surrogate import KERNEL_SURROGATES, CFRect, surrogate_spec
 
 #: Kernel codes of the surrogate kinds; the same numbers as ``CF_RECT`` ... in ``csrc/cf_step.h``.
 KIND_CODES = {'rect': 0, 'tsg': 1, 'sigmoid': 2, 'atan': 3}
 
-#: What an explicit kernel backend can run, for error messages.
-SUPPORTED_SURROGATES = ('CFRect', 'TSG', 'spikingjelly surrogate.Sigmoid',
-                        'spikingjelly surrogate.ATan (all in spiking mode)')
 
 
 class Call(NamedTuple):
@@ -51,8 +48,8 @@ def prepare(backend: str, x_seq: torch.Tensor, v, tau: float, decay_input: bool,
         N *= d
     spec = surrogate_spec(surrogate_function, t_start, T, x_seq.device)
     if spec is None:
-        raise ValueError(f'backend={backend!r} supports the surrogates {SUPPORTED_SURROGATES}, '
-                         f'got {surrogate_function!r}; use backend="torch" or "auto"')
+        raise ValueError(f'backend={backend!r} supports the surrogates {KERNEL_SURROGATES} in '
+                         f'spiking mode, got {surrogate_function!r}; use backend="torch" or "auto"')
     kind, alpha = spec
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.to(device=x_seq.device, dtype=torch.float32).reshape(T).contiguous()

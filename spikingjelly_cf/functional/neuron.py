@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import backends as _backends
 from ..surrogate import TSG, CFRect, KERNEL_SURROGATES, kernel_kind, level_spike
 
 __all__ = ['cf_multi_step', 'cf_multi_step_ref', 'cf_single_step', 'BACKENDS', 'resolve_backend',
@@ -178,16 +179,6 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _backend_module(name: str):
-    if name == 'cpp':
-        from ..backends import cpp as module
-    elif name == 'cupy':
-        from ..backends import cupy as module
-    else:  # pragma: no cover - internal
-        raise AssertionError(name)
-    return module
-
-
 def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0) -> str:
     """The backend that will run this call: ``'torch'``, ``'cpp'`` or ``'cupy'``.
 
@@ -205,11 +196,10 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
         return 'torch'
     supported_sg = kernel_kind(surrogate_function) is not None
     on_cuda = x_seq.is_cuda
+    device_type = 'cuda' if on_cuda else 'cpu'
     if backend == 'auto':
         name = 'cupy' if on_cuda else 'cpp'
-        if on_cuda and x_seq.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return 'torch'
-        if not on_cuda and x_seq.dtype != torch.float32:
+        if x_seq.dtype not in _backends.KERNEL_BACKENDS[name][device_type]:
             return 'torch'
         if not supported_sg:
             _warn_once(f'sg-{type(surrogate_function).__name__}',
@@ -217,7 +207,7 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                        f'spiking mode; {type(surrogate_function).__name__} runs on the reference '
                        f"'torch' backend (slower).")
             return 'torch'
-        module = _backend_module(name)
+        module = _backends.module(name)
         if not module.available():
             _warn_once(f'unavailable-{name}',
                        f"CFNode: backend '{name}' is unavailable ({module.unavailable_reason()}); "
@@ -234,13 +224,11 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     if not supported_sg:
         raise ValueError(f"backend={backend!r} supports the surrogates {KERNEL_SURROGATES} in "
                          f"spiking mode, got {surrogate_function!r}; use backend='torch' or 'auto'")
-    module = _backend_module(backend)
+    module = _backends.module(backend)
     if not module.available():
         raise RuntimeError(f'backend={backend!r} is unavailable: {module.unavailable_reason()}')
-    if backend == 'cpp' and x_seq.dtype != torch.float32:
-        return 'torch'
-    if backend == 'cupy' and x_seq.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return 'torch'
+    if x_seq.dtype not in _backends.KERNEL_BACKENDS[backend][device_type]:
+        return 'torch'  # dtypes the kernel does not cover use the reference
     return backend
 
 
@@ -266,8 +254,7 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
     if surrogate_function is None:
         surrogate_function = CFRect()
     name = resolve_backend(backend, x_seq, surrogate_function, t_start)
-    fn = cf_multi_step_ref if name == 'torch' else getattr(_backend_module(name),
-                                                            f'cf_multi_step_{name}')
+    fn = cf_multi_step_ref if name == 'torch' else _backends.get(name)
     return fn(x_seq, v, surrogate_function=surrogate_function, t_start=t_start,
               return_h_seq=return_h_seq, return_v_seq=return_v_seq, **p)
 
