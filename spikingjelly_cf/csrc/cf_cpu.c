@@ -95,6 +95,36 @@ CF_EXPORT int cf_cpu_max_threads(void)
 #endif
 }
 
+/* Runs body(ctx, b, n0, nb, work) over the neuron blocks [n0, n0 + nb) of size B in parallel
+ * (dynamic schedule, whole blocks per thread), each thread with its own scratch of
+ * CF_SCRATCH_ARRAYS * B floats.  Returns 0, or -1 if a scratch buffer cannot be allocated. */
+typedef void (*cf_block_body)(void *ctx, int64_t b, int64_t n0, int64_t nb, float *work);
+
+static int cf_parallel_blocks(int64_t N, int64_t B, int num_threads, cf_block_body body, void *ctx)
+{
+    const int64_t nblocks = (N + B - 1) / B;
+    int failed = 0;
+    int64_t b;
+    if (num_threads < 1)
+        num_threads = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *work = (float *)malloc((size_t)(CF_SCRATCH_ARRAYS * B) * sizeof(float));
+        if (!work) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (b = 0; b < nblocks; ++b) {
+            const int64_t n0 = b * B;
+            if (work)
+                body(ctx, b, n0, (N - n0) < B ? (N - n0) : B, work);
+        }
+        free(work);
+    }
+    return failed ? -1 : 0;
+}
+
 /* Levels float32(j * theta), j = 1..k, computed once per call (cf_level). */
 static float *cf_make_levels(int k, double theta)
 {
@@ -207,6 +237,19 @@ static cf_fwd_block_fn cf_pick_forward(int k_pos, int k_neg)
     return cf_forward_block_any;
 }
 
+typedef struct cf_fwd_ctx {
+    const cf_fwd_args *a;
+    const cf_params *p;
+    cf_fwd_block_fn fn;
+} cf_fwd_ctx;
+
+static void cf_forward_body(void *ctx, int64_t b, int64_t n0, int64_t nb, float *work)
+{
+    const cf_fwd_ctx *c = (const cf_fwd_ctx *)ctx;
+    (void)b;
+    c->fn(c->a, c->p, n0, nb, work);
+}
+
 /*
  * x, s: [T, N]; v0, v_last: [N]; h_seq, v_seq: [T, N] or NULL (not written).
  * Returns 0, or -1 if a small buffer cannot be allocated.
@@ -216,11 +259,10 @@ CF_EXPORT int cf_cpu_forward(const float *x, const float *v0, float *s, float *h
                              double theta_n, int k_pos, int k_neg, int num_threads)
 {
     const cf_params p = cf_make_params(k, c, theta_p, theta_n, k_pos, k_neg, 0);
-    const int64_t B = cf_block_size(N), nblocks = (N + B - 1) / B;
+    const int64_t B = cf_block_size(N);
     const cf_fwd_block_fn fn = cf_pick_forward(k_pos, k_neg);
     int failed = 0;
     cf_fwd_args a;
-    int64_t b;
     a.x = x;
     a.v0 = v0;
     a.s = s;
@@ -236,22 +278,12 @@ CF_EXPORT int cf_cpu_forward(const float *x, const float *v0, float *s, float *h
         free((void *)a.ln);
         return -1;
     }
-    if (num_threads < 1)
-        num_threads = 1;
-#pragma omp parallel num_threads(num_threads)
     {
-        float *work = (float *)malloc((size_t)(CF_SCRATCH_ARRAYS * B) * sizeof(float));
-        if (!work) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (b = 0; b < nblocks; ++b) {
-            const int64_t n0 = b * B;
-            if (work)
-                fn(&a, &p, n0, (N - n0) < B ? (N - n0) : B, work);
-        }
-        free(work);
+        cf_fwd_ctx ctx;
+        ctx.a = &a;
+        ctx.p = &p;
+        ctx.fn = fn;
+        failed = cf_parallel_blocks(N, B, num_threads, cf_forward_body, &ctx);
     }
     free((void *)a.lp);
     free((void *)a.ln);
@@ -418,6 +450,19 @@ static cf_bwd_block_fn cf_pick_backward(int kind, int k_pos, int k_neg)
     }
 }
 
+typedef struct cf_bwd_ctx {
+    const cf_bwd_args *a;
+    const cf_params *p;
+    cf_bwd_block_fn fn;
+} cf_bwd_ctx;
+
+/* Block b writes its TSG partial sums to row b of alpha_part ([nblocks, T]). */
+static void cf_backward_body(void *ctx, int64_t b, int64_t n0, int64_t nb, float *work)
+{
+    const cf_bwd_ctx *c = (const cf_bwd_ctx *)ctx;
+    c->fn(c->a, c->p, n0, nb, c->a->alpha_part ? c->a->alpha_part + b * c->a->T : NULL, work);
+}
+
 /*
  * h_seq: [T, N] saved pre-reset potentials; grad_s, grad_h, grad_v_seq: [T, N] or
  * NULL (zero); grad_v_last: [N] or NULL; alpha: [T] (a_t for TSG, the constant
@@ -460,23 +505,12 @@ CF_EXPORT int cf_cpu_backward(int kind, const float *h_seq, const float *grad_s,
         free(a.alpha_part);
         return -1;
     }
-    if (num_threads < 1)
-        num_threads = 1;
-#pragma omp parallel num_threads(num_threads)
     {
-        float *work = (float *)malloc((size_t)(CF_SCRATCH_ARRAYS * B) * sizeof(float));
-        if (!work) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (b = 0; b < nblocks; ++b) {
-            const int64_t n0 = b * B;
-            if (work)
-                fn(&a, &p, n0, (N - n0) < B ? (N - n0) : B,
-                   a.alpha_part ? a.alpha_part + b * T : NULL, work);
-        }
-        free(work);
+        cf_bwd_ctx ctx;
+        ctx.a = &a;
+        ctx.p = &p;
+        ctx.fn = fn;
+        failed = cf_parallel_blocks(N, B, num_threads, cf_backward_body, &ctx);
     }
     if (grad_alpha && !failed) {
         int64_t t;
