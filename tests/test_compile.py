@@ -156,3 +156,20 @@ def test_export(sg):
         eager = net(x)
         exported = program.module()(x)
     assert torch.equal(eager, exported)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('sg', ['rect', 'tsg'])
+def test_cuda_compiled_equals_eager(sg):
+    """The same on CUDA with the default backend (cupy, else the reference)."""
+    net = make_net(sg).cuda()
+    x = inputs().cuda()
+    eager = run(net, x)
+    counter = CompileCounterWithBackend('inductor')
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    assert_same(eager, run(compiled, x))
+    frames = counter.frame_count
+    run(compiled, inputs(seed=2).cuda())
+    assert counter.frame_count == frames
+    functional.reset_net(net)
+    assert torch._dynamo.explain(net)(x).graph_break_count == 0

@@ -11,7 +11,7 @@ import torch
 from spikingjelly_cf.backends import _ops, is_available
 from spikingjelly_cf.backends._common import KIND_CODES
 
-pytestmark = pytest.mark.skipif(not is_available('cpp'), reason='the cpp extension is not built')
+needs_cpp = pytest.mark.skipif(not is_available("cpp"), reason="the cpp extension is not built")
 
 # kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset
 CASES = [
@@ -30,6 +30,7 @@ def _inputs(kind, T=5, N=7, requires_grad=True):
     return x, v0, alpha
 
 
+@needs_cpp
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize('return_h, return_v', [(False, False), (True, True)])
 def test_opcheck_forward(case, return_h, return_v):
@@ -39,6 +40,7 @@ def test_opcheck_forward(case, return_h, return_v):
     torch.library.opcheck(_ops.forward_op('cpp'), args)
 
 
+@needs_cpp
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
 def test_opcheck_backward(case):
     kind, k, c, tp, tn, kp, kn, dr = case
@@ -52,6 +54,7 @@ def test_opcheck_backward(case):
     torch.library.opcheck(_ops.backward_op('cpp'), args)
 
 
+@needs_cpp
 @pytest.mark.parametrize('save_h, return_h, return_v', [(False, False, False), (True, False, True),
                                                         (False, True, False)])
 def test_fake_matches_real(save_h, return_h, return_v):
@@ -68,6 +71,7 @@ def test_fake_matches_real(save_h, return_h, return_v):
     assert real[3].numel() == (x.numel() if return_v else 0)
 
 
+@needs_cpp
 def test_traced_graph_calls_the_op():
     """make_fx through the public multi-step function records the forward op, not its body."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -79,3 +83,15 @@ def test_traced_graph_calls_the_op():
     gm = make_fx(f)(torch.randn(3, 4), torch.zeros(4))
     targets = {str(n.target) for n in gm.graph.nodes if n.op == 'call_function'}
     assert 'spikingjelly_cf.cf_forward_cpp.default' in targets
+
+
+@pytest.mark.skipif(not is_available('cupy'), reason='needs CUDA and CuPy')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+def test_opcheck_cupy(case, dtype):
+    kind, k, c, tp, tn, kp, kn, dr = case
+    x, v0, alpha = _inputs(kind, requires_grad=False)
+    x, v0, alpha = x.cuda().to(dtype), v0.cuda().to(dtype), alpha.cuda()
+    x.requires_grad_(), v0.requires_grad_(), alpha.requires_grad_(kind == 'tsg')
+    args = (x, v0, alpha, KIND_CODES[kind], k, c, tp, tn, kp, kn, dr, True, True, True)
+    torch.library.opcheck(_ops.forward_op('cupy'), args)
