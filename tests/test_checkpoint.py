@@ -284,6 +284,27 @@ def test_recompute_with_more_calls_than_recorded_raises():
         y.sum().backward()
 
 
+def test_cpp_pool_leaves_checkpointed_h_alone():
+    # The cpp kernel pools the h it saves and takes it back when the autograd node dies. Under a
+    # checkpoint that would keep the first run's h alive (the memory checkpointing frees) and
+    # return the re-run's h to the pool while the backward pass still reads it: not pooled there.
+    skip_unless_runs('CFRect', 'cpp')
+    from spikingjelly_cf.backends import cpp
+    net = make_net('CFRect', 'cpp', 'm')
+    x = inputs(1)[0][0].requires_grad_()
+
+    def pooled(checkpointed):
+        cpp.empty_cache()
+        y = forward(net, x, 'layer', checkpointed)
+        y.sum().backward()
+        functional.reset_net(net)
+        del y  # the graph (and its nodes) go
+        return sum(len(free) for free in cpp._pool.values())
+    assert pooled(checkpointed=True) == 0
+    assert pooled(checkpointed=False) > 0  # the pool is in use otherwise
+    cpp.empty_cache()
+
+
 @pytest.mark.skipif(CLASSIC, reason='memopt is part of SpikingJelly 2.0')
 @pytest.mark.parametrize('sg_name', ['CFRect', 'TSG'])
 @pytest.mark.parametrize('chunks', [1, 2])
