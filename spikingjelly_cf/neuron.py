@@ -174,7 +174,11 @@ class CFNode(sj_neuron.BaseNode):
         self.__dict__['h_seq'] = None
 
     def detach(self):
-        super().detach()
+        # Out of place: SpikingJelly's detach_() refuses the state of a kernel backend, a view of
+        # the op's output ("Can't detach views in-place").
+        for key, value in self._memories.items():
+            if isinstance(value, torch.Tensor):
+                self._memories[key] = value.detach()
         for name in ('v_seq', 'h_seq'):
             value = self.__dict__.get(name)
             if isinstance(value, torch.Tensor):
