@@ -1,6 +1,13 @@
 """Validation of the CF neuron's parameters and tensors, shared by every backend and the module.
 
 User errors are ``TypeError``/``ValueError`` naming the parameter, its value and what is allowed.
+Only metadata (types, shapes, dtypes, devices) is checked, never tensor values, so the checks add
+no graph break under ``torch.compile``.
+
+Non-finite inputs are not errors. Their policy, the same on every backend: a NaN input (or state)
+fires no level (every comparison with NaN is false), so its spike is 0, and h and v become NaN
+and stay NaN for the following steps; ``+inf`` fires all ``K_P`` positive levels (``v = +inf``),
+``-inf`` all ``K_N`` negative ones (``v = -inf``).
 """
 import math
 import numbers
@@ -59,6 +66,8 @@ def check_cf_parameters(tau, decay_input, v_threshold, v_threshold_neg, k_pos, k
 
 
 def check_tensors(x_seq: torch.Tensor, v) -> None:
+    """Check ``x_seq`` (a floating tensor ``[T, *]``, ``T >= 1``) and ``v`` (``[*]``, same dtype and
+    device); raises ``TypeError``/``ValueError`` naming the argument."""
     if not isinstance(x_seq, torch.Tensor):
         raise TypeError(f'x_seq must be a torch.Tensor, got {type(x_seq).__name__}')
     if not x_seq.is_floating_point():
@@ -71,3 +80,8 @@ def check_tensors(x_seq: torch.Tensor, v) -> None:
     if v.shape != x_seq.shape[1:]:
         raise ValueError(f'v must have the shape of one step of x_seq, {tuple(x_seq.shape[1:])}, '
                          f'got {tuple(v.shape)}')
+    if v.dtype != x_seq.dtype:
+        raise TypeError(f'v must have the dtype of x_seq ({x_seq.dtype}), got {v.dtype}')
+    if v.device != x_seq.device:
+        raise ValueError(f'v and x_seq must be on one device, got v on {v.device} and x_seq on '
+                         f'{x_seq.device}')

@@ -12,6 +12,7 @@ removes the hooks, so a disabled monitor costs nothing; nothing relies on ``__de
   :math:`-K_N, \dots, K_P` (the paper's Fig. 8 trade-off between K and spike count).
 """
 import io
+import weakref
 from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
@@ -25,6 +26,10 @@ from .neuron import CFNode
 __all__ = ['PNBMonitor', 'EnergyMonitor', 'SpikeLevelHistogram']
 
 ClassFilter = Union[Type[nn.Module], Tuple[Type[nn.Module], ...], None]
+
+#: The live PNBMonitor of each monitored layer (module -> weak reference to the monitor): a
+#: second PNBMonitor on the same layer would turn its store_h_seq off under the first.
+_PNB_OWNERS: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
 def _select_modules(net: nn.Module, instance: ClassFilter, names: Optional[Iterable[str]],
@@ -170,8 +175,9 @@ class PNBMonitor(_ForwardHookMonitor):
     Raises
     ------
     ValueError
-        If no layer is found, or a layer has ``k_pos != k_neg`` or ``k_neg == 0`` (the loss
-        pairs level :math:`k` on both sides).
+        If no layer is found, a layer has ``k_pos != k_neg`` or ``k_neg == 0`` (the loss
+        pairs level :math:`k` on both sides), or a layer already has a PNBMonitor that was not
+        removed (one PNBMonitor per layer).
 
     Examples
     --------
@@ -196,6 +202,12 @@ class PNBMonitor(_ForwardHookMonitor):
         self.eps = eps
         for name, module in self._monitored.items():
             self._check_layer(name, module)
+            owner = _PNB_OWNERS.get(module)
+            if owner is not None and owner() is not None and not owner()._removed:
+                raise ValueError(f'layer {name!r} ({type(module).__name__}) already has a '
+                                 f'PNBMonitor; remove() that one first (one PNBMonitor per layer)')
+        for module in self._monitored.values():
+            _PNB_OWNERS[module] = weakref.ref(self)
         self._original_store_h_seq = {name: bool(m.store_h_seq) for name, m in self._monitored.items()}
         self._stats: Dict[str, torch.Tensor] = {}
         self._last: Dict[str, torch.Tensor] = {}
@@ -223,6 +235,9 @@ class PNBMonitor(_ForwardHookMonitor):
     def _on_remove(self):
         for name, module in self._monitored.items():
             module.store_h_seq = self._original_store_h_seq[name]
+            owner = _PNB_OWNERS.get(module)
+            if owner is not None and owner() is self:
+                del _PNB_OWNERS[module]
 
     def _hook(self, name, module, args, output):
         h = getattr(module, 'h_seq', None)

@@ -177,7 +177,11 @@ class CFNode(sj_neuron.BaseNode):
         self.__dict__['h_seq'] = None
 
     def detach(self):
-        super().detach()
+        # Out of place: SpikingJelly's detach_() refuses the state of a kernel backend, a view of
+        # the op's output ("Can't detach views in-place").
+        for key, value in self._memories.items():
+            if isinstance(value, torch.Tensor):
+                self._memories[key] = value.detach()
         for name in ('v_seq', 'h_seq'):
             value = self.__dict__.get(name)
             if isinstance(value, torch.Tensor):
@@ -212,8 +216,12 @@ class CFNode(sj_neuron.BaseNode):
                 f'{name} has shape {tuple(x.shape)} per step but the neuron state has shape '
                 f'{tuple(v.shape)} from earlier steps; call '
                 f'spikingjelly.activation_based.functional.reset_net(net) before a new input shape')
-        if v.dtype != x.dtype or v.device != x.device:
-            v = v.to(dtype=x.dtype, device=x.device)
+        if v.device != x.device:
+            raise ValueError(
+                f'{name} is on {x.device} but the neuron state is on {v.device}; move the model '
+                f'with .to(device) or call spikingjelly.activation_based.functional.reset_net(net)')
+        if v.dtype != x.dtype:
+            v = v.to(dtype=x.dtype)
         return v
 
     def _run(self, x_seq: torch.Tensor, v: torch.Tensor):
@@ -243,9 +251,9 @@ class CFNode(sj_neuron.BaseNode):
         return s_seq[0]
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 1:
-            raise ValueError(f"x_seq must be a tensor of shape [T, N, *] in step_mode='m', "
-                             f'got {getattr(x_seq, "shape", type(x_seq).__name__)}')
+        if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 1 or x_seq.shape[0] == 0:
+            raise ValueError(f"x_seq must be a tensor of shape [T, N, *] with T >= 1 in "
+                             f"step_mode='m', got {getattr(x_seq, 'shape', type(x_seq).__name__)}")
         v = self._initial_v(x_seq[0], 'x_seq[t]')
         s_seq, v_seq = self._run(x_seq, v)
         if v_seq is not None:

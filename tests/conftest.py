@@ -30,3 +30,19 @@ def _quiet_known_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=FutureWarning)
         yield
+
+
+# -- hypothesis profiles ------------------------------------------------------------------------
+# 'ci' (the default, also what CI runs): derandomised, so every run draws the same examples and a
+# failure comes back on the next run; a failing example is printed with its reproduction blob
+# (@reproduce_failure). No example database, no deadline (shared CPUs make timings noisy).
+# 'dev': randomised with 5x the examples, for local runs: pytest --hypothesis-profile=dev
+# (a test's own @settings(max_examples=...) still wins over either profile).
+from hypothesis import HealthCheck, settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile('ci', derandomize=True, max_examples=30, deadline=None,
+                               print_blob=True, database=None,
+                               suppress_health_check=[HealthCheck.too_slow])
+_hyp_settings.register_profile('dev', max_examples=150, deadline=None, print_blob=True,
+                               suppress_health_check=[HealthCheck.too_slow])
+_hyp_settings.load_profile('ci')  # --hypothesis-profile=NAME (hypothesis' own option) overrides

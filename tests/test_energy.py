@@ -132,6 +132,9 @@ def test_eq26_equals_exact_count_for_uniform_spikes(value):
         net[1](torch.full_like(h, value))  # uniform spikes into every layer
         net[3](torch.full((T, N, 3), value))
         table = em.table()
+    assert [row['name'] for row in table['layers']] == ['0', '1', '3']
+    # MACs per sample-step by hand: 4 x 2x2 outputs x (2 x 3x3) taps; 3 x 1x1 x (4 x 2x2); 3 x 5
+    assert [row['flops'] for row in table['layers']] == [4 * 4 * 18, 3 * 16, 15]
     for row in table['layers']:
         assert row['input'] == 'spikes' and row['T'] == T
         assert row['firing_rate'] == abs(value)
@@ -180,6 +183,7 @@ def test_energy_monitor_table_single_and_multi_step():
         for t in range(T):
             net(x[t])
         single = em.table()
+    assert [r['name'] for r in single['layers']] == [r['name'] for r in multi['layers']] == ['0', '3', '5']
     for a, b in zip(multi['layers'], single['layers']):
         for key, value in a.items():
             assert b[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), key

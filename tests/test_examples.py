@@ -18,11 +18,16 @@ EXAMPLES = os.path.join(ROOT, 'examples')
 
 
 def _datasets_importable():
+    """Skip only for the known case: SpikingJelly 2.x, whose ``spikingjelly.datasets`` imports
+    torchaudio, without torchaudio installed. Any other import error fails the module."""
     try:
         import spikingjelly.datasets.dvs128_gesture  # noqa: F401
         return True, ''
-    except Exception as e:  # SpikingJelly 2.0.0 without torchaudio
-        return False, f'{type(e).__name__}: {e}'
+    except ModuleNotFoundError as e:
+        from spikingjelly_cf._compat import CLASSIC
+        if e.name == 'torchaudio' and not CLASSIC:
+            return False, f'{type(e).__name__}: {e}'
+        raise
 
 
 _OK, _WHY = _datasets_importable()

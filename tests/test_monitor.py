@@ -232,6 +232,7 @@ def test_monitors_on_cuda_match_cpu():
             net(x.to(device))
             results[device] = (pnb.loss().item(), em.table(), hist.counts())
     assert results['cuda'][0] == pytest.approx(results['cpu'][0], rel=1e-5)
+    assert len(results['cpu'][1]['layers']) == len(results['cuda'][1]['layers']) == 2
     for a, b in zip(results['cpu'][1]['layers'], results['cuda'][1]['layers']):
         assert a['sops'] == pytest.approx(b['sops'], rel=1e-6)
     assert results['cuda'][2] == results['cpu'][2]

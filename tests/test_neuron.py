@@ -253,14 +253,18 @@ def test_set_backend_classic():
     assert 'cupy' in net[1].supported_backends
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64, torch.float32])
 def test_dtypes_follow_input(dtype):
-    x = torch.tensor([[0.3, 1.4, -2.6, 2.7]], dtype=torch.float32)
-    ref = CFNode(step_mode='m', backend='torch')(x)
-    node = CFNode(step_mode='m', backend='auto')
-    out = node(x.to(dtype))
-    assert out.dtype == dtype and node.v.dtype == dtype
-    assert torch.equal(out.float(), ref)
+    # worked by hand (k = 0.25; every value exact in bfloat16):
+    # h1 = x1, s1 = [0, 1, -2, 2], v1 = [0.25, 0.5, -0.5, 0.75];
+    # h2 = v1 / 4 + x2 = [0.8125, 1.125, -1.125, 1.6875], s2 = [0, 1, -1, 1], v2 = h2 - s2
+    x = torch.tensor([[0.25, 1.5, -2.5, 2.75], [0.75, 1.0, -1.0, 1.5]], dtype=dtype)
+    node = CFNode(step_mode='m', backend='auto', store_h_seq=True)
+    out = node(x)
+    assert out.dtype == dtype and node.v.dtype == dtype and node.h_seq.dtype == dtype
+    assert out.tolist() == [[0., 1., -2., 2.], [0., 1., -1., 1.]]
+    assert node.h_seq.tolist() == [[0.25, 1.5, -2.5, 2.75], [0.8125, 1.125, -1.125, 1.6875]]
+    assert node.v.tolist() == [0.8125, 0.125, -0.125, 0.6875]
 
 
 BAD = [
@@ -326,9 +330,13 @@ def test_explicit_kernel_backend_rejects_unsupported_surrogate():
     with pytest.warns(RuntimeWarning, match='reference'):
         # 'auto' falls back to the reference with a one-time warning
         spikingjelly_cf.functional.neuron._warned.discard('sg-PiecewiseQuadratic')
-        out = cf_multi_step(torch.randn(2, 3), torch.zeros(3), surrogate_function=sg)
-    ref = cf_multi_step_ref(torch.zeros(2, 3), torch.zeros(3), surrogate_function=sg)
-    assert out[0].shape == ref[0].shape
+        x = torch.tensor([[0.5, 1.0, -2.5], [1.5, -0.25, 0.0]])
+        out = cf_multi_step(x, torch.zeros(3), surrogate_function=sg, return_h_seq=True)
+    # by hand: h1 = x1, s1 = [0, 1, -2], v1 = [0.5, 0, -0.5]; h2 = v1 / 4 + x2
+    assert out[0].tolist() == [[0., 1., -2.], [1., 0., 0.]]
+    assert out[2].tolist() == [[0.5, 1.0, -2.5], [1.625, -0.25, -0.125]]
+    ref = cf_multi_step_ref(x, torch.zeros(3), surrogate_function=sg, return_h_seq=True)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
 def test_spikingjelly_surrogate_per_level_gradient():

@@ -163,26 +163,35 @@ def _quiet(fn, *args, **kwargs):
 
 
 @pytest.fixture(scope='module')
-def sj_frames(tiny_root):
+def sj_root(tiny_root, tmp_path_factory):
+    """A copy of the tiny set for SpikingJelly's loader, which writes frame folders beside
+    ``events_np``: the tests that read ``tiny_root`` see it as written, in any order."""
+    root = str(tmp_path_factory.mktemp('sj_loader') / 'DVS128Gesture')
+    shutil.copytree(tiny_root, root)
+    return root
+
+
+@pytest.fixture(scope='module')
+def sj_frames(sj_root):
     """SpikingJelly integrates the tiny set itself (T=4, split_by number)."""
     DVS128Gesture = _dvs128gesture()
     from spikingjelly import configure
     threads = configure.max_threads_number_for_datasets_preprocess
     configure.max_threads_number_for_datasets_preprocess = 2     # its default 16 only thrashes here
     try:
-        return {train: _quiet(DVS128Gesture, tiny_root, train=train, data_type='frame', frames_number=4,
+        return {train: _quiet(DVS128Gesture, sj_root, train=train, data_type='frame', frames_number=4,
                               split_by='number') for train in (True, False)}
     finally:
         configure.max_threads_number_for_datasets_preprocess = threads
 
 
-def test_spikingjelly_loader_frames(tiny_root, sj_frames):
+def test_spikingjelly_loader_frames(sj_root, sj_frames):
     train, test = sj_frames[True], sj_frames[False]
     assert len(train) == 22 and len(test) == 11
     # no download / extract folders: events_np made SpikingJelly skip them
-    assert not os.path.exists(os.path.join(tiny_root, 'download'))
-    assert not os.path.exists(os.path.join(tiny_root, 'extract'))
-    assert os.path.isdir(os.path.join(tiny_root, 'frames_number_4_split_by_number'))
+    assert not os.path.exists(os.path.join(sj_root, 'download'))
+    assert not os.path.exists(os.path.join(sj_root, 'extract'))
+    assert os.path.isdir(os.path.join(sj_root, 'frames_number_4_split_by_number'))
     seen = set()
     for ds, split in ((train, 'train'), (test, 'test')):
         for i in range(len(ds)):
@@ -201,14 +210,14 @@ def test_spikingjelly_loader_frames(tiny_root, sj_frames):
     assert sg.loader_target_to_label(2) == 10 and sg.loader_target_to_label(3) == 2
 
 
-def test_spikingjelly_loader_events(tiny_root):
+def test_spikingjelly_loader_events(sj_root):
     DVS128Gesture = _dvs128gesture()
-    ds = _quiet(DVS128Gesture, tiny_root, train=False, data_type='event')
+    ds = _quiet(DVS128Gesture, sj_root, train=False, data_type='event')
     ev, target = ds[0]
     assert sorted(ev.keys()) == ['p', 't', 'x', 'y'] and target == 0
 
 
-def test_integrate_frames_equals_spikingjelly(tiny_root, sj_frames, tmp_path):
+def test_integrate_frames_equals_spikingjelly(tiny_root, sj_root, sj_frames, tmp_path):
     sjds = pytest.importorskip('spikingjelly.datasets')
     # per-sample function against SpikingJelly's, including fewer events than frames
     for _, _, path in list(_samples(tiny_root))[:5]:
@@ -227,7 +236,7 @@ def test_integrate_frames_equals_spikingjelly(tiny_root, sj_frames, tmp_path):
     ours = _quiet(_dvs128gesture(), root, train=True, data_type='frame', frames_number=4, split_by='number')
     ref = sj_frames[True]
     assert [os.path.relpath(p, root) for p, _ in ours.samples] == \
-        [os.path.relpath(p, tiny_root) for p, _ in ref.samples]
+        [os.path.relpath(p, sj_root) for p, _ in ref.samples]
     for i in range(len(ours)):
         (a, ta), (b, tb) = ours[i], ref[i]
         assert ta == tb and a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
