@@ -2,7 +2,8 @@ r"""Multi-step functions of the circulate-firing neuron (SPEC section 1).
 
 :func:`cf_multi_step_ref` is the pure-PyTorch reference: an explicit time loop, the oracle of
 every test. :func:`cf_multi_step` dispatches to the fastest backend that can run a call
-(``'cupy'`` on CUDA, the compiled ``'cpp'`` kernel on CPU float32, ``'torch'`` otherwise).
+(``'cupy'``, else ``'triton'`` on CUDA, the compiled ``'cpp'`` kernel on CPU float32, ``'torch'``
+otherwise; the order is ``backends.AUTO_ORDER``).
 """
 import math
 import numbers
@@ -18,7 +19,7 @@ __all__ = ['cf_multi_step', 'cf_multi_step_ref', 'cf_single_step', 'BACKENDS', '
            'check_cf_parameters']
 
 #: Backend names: ``'auto'`` picks per call; ``'torch'`` is the reference.
-BACKENDS = ('auto', 'torch', 'cpp', 'cupy')
+BACKENDS = ('auto', 'torch', 'cpp', 'cupy', 'triton')
 
 Result = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
@@ -180,10 +181,11 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0) -> str:
-    """The backend that will run this call: ``'torch'``, ``'cpp'`` or ``'cupy'``.
+    """The backend that will run this call: ``'torch'``, ``'cpp'``, ``'cupy'`` or ``'triton'``.
 
-    ``'auto'`` (or ``None``) picks ``'cupy'`` for CUDA tensors, ``'cpp'`` for CPU float32 tensors
-    when the extension is built, and the reference ``'torch'`` otherwise (with a one-time warning
+    ``'auto'`` (or ``None``) tries the kernel backends of ``backends.AUTO_ORDER`` for the device
+    type in order (CUDA: ``'cupy'``, then ``'triton'``; CPU: ``'cpp'``) and takes the first that
+    runs the dtype and is available; otherwise the reference ``'torch'`` (with a one-time warning
     when a kernel was expected but cannot run). An explicit kernel backend that cannot run the
     call raises a clear error, except for dtypes the kernel does not cover, which use the
     reference.
@@ -198,8 +200,9 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     on_cuda = x_seq.is_cuda
     device_type = 'cuda' if on_cuda else 'cpu'
     if backend == 'auto':
-        name = 'cupy' if on_cuda else 'cpp'
-        if x_seq.dtype not in _backends.KERNEL_BACKENDS[name][device_type]:
+        names = [name for name in _backends.AUTO_ORDER.get(device_type, ())
+                 if x_seq.dtype in _backends.KERNEL_BACKENDS[name].get(device_type, ())]
+        if not names:
             return 'torch'
         if not supported_sg:
             _warn_once(f'sg-{type(surrogate_function).__name__}',
@@ -207,13 +210,16 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                        f'spiking mode; {type(surrogate_function).__name__} runs on the reference '
                        f"'torch' backend (slower).")
             return 'torch'
-        module = _backends.module(name)
-        if not module.available():
-            _warn_once(f'unavailable-{name}',
-                       f"CFNode: backend '{name}' is unavailable ({module.unavailable_reason()}); "
-                       f"using the reference 'torch' backend (slower).")
-            return 'torch'
-        return name
+        reasons = []
+        for name in names:
+            module = _backends.module(name)
+            if module.available():
+                return name
+            reasons.append(f"'{name}': {module.unavailable_reason()}")
+        _warn_once(f'unavailable-{"-".join(names)}',
+                   f"CFNode: no kernel backend is available ({'; '.join(reasons)}); using the "
+                   f"reference 'torch' backend (slower).")
+        return 'torch'
     # explicit kernel backend
     if backend == 'cupy' and not on_cuda:
         raise ValueError(f"backend='cupy' needs CUDA tensors, got a tensor on {x_seq.device}; "
@@ -221,13 +227,17 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     if backend == 'cpp' and on_cuda:
         raise ValueError(f"backend='cpp' runs on CPU tensors, got a tensor on {x_seq.device}; "
                          f"use backend='auto' or 'cupy' on CUDA")
+    if backend == 'triton' and not on_cuda and 'cpu' not in _backends.module('triton').device_types():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got a tensor on {x_seq.device} "
+                         f"(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1, for "
+                         f"tests); use backend='auto' or 'cpp' on the CPU")
     if not supported_sg:
         raise ValueError(f"backend={backend!r} supports the surrogates {KERNEL_SURROGATES} in "
                          f"spiking mode, got {surrogate_function!r}; use backend='torch' or 'auto'")
     module = _backends.module(backend)
     if not module.available():
         raise RuntimeError(f'backend={backend!r} is unavailable: {module.unavailable_reason()}')
-    if x_seq.dtype not in _backends.KERNEL_BACKENDS[backend][device_type]:
+    if x_seq.dtype not in _backends.kernel_dtypes(backend, device_type):
         return 'torch'  # dtypes the kernel does not cover use the reference
     return backend
 
@@ -239,7 +249,8 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
                   return_h_seq: bool = False, return_v_seq: bool = False,
                   backend: str = 'auto') -> Result:
     r"""Multi-step CF neuron on the chosen backend; same arguments and results as
-    :func:`cf_multi_step_ref` plus ``backend`` (``'auto'``, ``'torch'``, ``'cpp'``, ``'cupy'``).
+    :func:`cf_multi_step_ref` plus ``backend`` (``'auto'``, ``'torch'``, ``'cpp'``, ``'cupy'``,
+    ``'triton'``).
 
     Examples
     --------
