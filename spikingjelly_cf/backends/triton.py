@@ -62,7 +62,16 @@ def _load():
             _reason = ('PyTorch sees no CUDA device (set TRITON_INTERPRET=1 before the first use to '
                        'run the kernels in Triton\'s interpreter on CPU tensors, for tests)')
             return None
-        # @triton.jit reads TRITON_INTERPRET while decorating: set it just for our kernels' import
+        try:  # Triton itself (and its own @jit library) as the environment says, ...
+            import triton
+            import triton.language  # noqa: F401
+            from triton.runtime.interpreter import InterpretedFunction
+        except Exception as exc:  # noqa: BLE001 - ImportError, broken installs, ...
+            _reason = (f'Triton is not usable ({type(exc).__name__}: {exc}); it ships with '
+                       f'PyTorch\'s CUDA wheels, or `pip install triton`')
+            return None
+        # ... and @triton.jit reads TRITON_INTERPRET while decorating: set it just while our
+        # kernels are imported, so that only they are interpreted (or compiled)
         previous = os.environ.get('TRITON_INTERPRET')
         os.environ['TRITON_INTERPRET'] = '1' if interpret else '0'
         try:
@@ -71,7 +80,6 @@ def _load():
                 triton_kernels = importlib.reload(sys.modules[name])
             else:
                 triton_kernels = importlib.import_module(name)
-            from triton.runtime.interpreter import InterpretedFunction
         except Exception as exc:  # noqa: BLE001 - ImportError, broken installs, ...
             _reason = (f'Triton is not usable ({type(exc).__name__}: {exc}); it ships with '
                        f'PyTorch\'s CUDA wheels, or `pip install triton`')

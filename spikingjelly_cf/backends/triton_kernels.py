@@ -33,6 +33,20 @@ SIGMOID: tl.constexpr = tl.constexpr(2)
 ATAN: tl.constexpr = tl.constexpr(3)
 PI_2: tl.constexpr = tl.constexpr(1.5707963267948966)
 
+# The kernels call only Triton builtins and the @triton.jit helpers of this module, never
+# Triton's own @jit library (tl.zeros, tl.sum, ...): Triton's library is decorated when Triton is
+# imported, compiled unless TRITON_INTERPRET=1 was set then, and an interpreted kernel cannot
+# call a compiled @jit function. So the reduction is tl.reduce with a combine function: Triton's
+# own _sum_combine where it exists (the interpreter recognises it and sums with NumPy), else ours.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+_SUM_COMBINE = getattr(tl.standard, '_sum_combine', _add)
+
 
 @triton.jit
 def _load_f32(ptr, mask, BF16: tl.constexpr):
@@ -101,10 +115,10 @@ def cf_forward_kernel(x_ptr, v0_ptr, lvl_p_ptr, lvl_n_ptr, s_ptr, h_ptr, vseq_pt
     for _t in range(T):
         x = _load_f32(xp, mask, BF16)
         h = k * v + c * x  # two rounded products, one rounded sum (no FMA: see the launch)
-        n_pos = tl.zeros((BLOCK,), tl.float32)
+        n_pos = tl.full((BLOCK,), 0.0, tl.float32)
         for j in tl.static_range(K_POS):
             n_pos += tl.where(h >= tl.load(lvl_p_ptr + j), 1.0, 0.0)
-        n_neg = tl.zeros((BLOCK,), tl.float32)
+        n_neg = tl.full((BLOCK,), 0.0, tl.float32)
         for j in tl.static_range(K_NEG):
             n_neg += tl.where(h <= tl.load(lvl_n_ptr + j), 1.0, 0.0)
         v = (h - theta_p * n_pos) - theta_n * n_neg
@@ -140,7 +154,7 @@ def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p
     if HAS_GVL:
         carry = _load_f32(gvl_ptr + offs, mask, BF16)
     else:
-        carry = tl.zeros((BLOCK,), tl.float32)
+        carry = tl.full((BLOCK,), 0.0, tl.float32)
     for tt in range(T):
         t = T - 1 - tt
         base = t.to(tl.int64) * N + offs
@@ -149,15 +163,15 @@ def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p
         if HAS_GS:
             g_s = _load_f32(gs_ptr + base, mask, BF16)
         else:
-            g_s = tl.zeros((BLOCK,), tl.float32)
+            g_s = tl.full((BLOCK,), 0.0, tl.float32)
         if HAS_GVS:
             gv_tot = carry + _load_f32(gvs_ptr + base, mask, BF16)
         else:
             gv_tot = carry
-        s_p = tl.zeros((BLOCK,), tl.float32)
-        s_n = tl.zeros((BLOCK,), tl.float32)
-        p_p = tl.zeros((BLOCK,), tl.float32)
-        p_n = tl.zeros((BLOCK,), tl.float32)
+        s_p = tl.full((BLOCK,), 0.0, tl.float32)
+        s_n = tl.full((BLOCK,), 0.0, tl.float32)
+        p_p = tl.full((BLOCK,), 0.0, tl.float32)
+        p_n = tl.full((BLOCK,), 0.0, tl.float32)
         for j in tl.static_range(K_POS):
             xd = h - tl.load(lvl_p_ptr + j)
             s_p += _surrogate_grad(KIND, xd, a, hw_p)
@@ -183,5 +197,5 @@ def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p
                 if not DETACH:
                     ga += gv_tot * (-theta_p * p_p - theta_n * p_n)
                 ga = tl.where(mask, ga, 0.0)
-                tl.store(ga_ptr + pid.to(tl.int64) * T + t, tl.sum(ga, axis=0))
+                tl.store(ga_ptr + pid.to(tl.int64) * T + t, tl.reduce(ga, 0, _SUM_COMBINE))
     _store_f32(gv0_ptr + offs, carry, mask, BF16)
