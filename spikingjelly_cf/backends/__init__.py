@@ -1,24 +1,22 @@
-"""Fused kernels of the CF neuron, one module per backend, imported lazily.
+"""Backends of the CF neuron, one module per backend, imported lazily.
 
+* ``'torch'`` (:mod:`.reference`): the pure-PyTorch reference, every dtype, device and surrogate.
 * ``'cpp'`` (:mod:`.cpp`): compiled CPU kernel, float32, OpenMP (optional extension).
 * ``'cupy'`` (:mod:`.cupy`): CUDA kernels compiled by CuPy/NVRTC, float32/float16/bfloat16.
 * ``'triton'`` (:mod:`.triton`): Triton kernels, CUDA, float32/float16/bfloat16 (CPU tensors in
-  Triton's interpreter with ``TRITON_INTERPRET=1``, for tests).
-* ``'torch'``: the pure-PyTorch reference, ``functional.neuron.cf_multi_step_ref``.
+  Triton's interpreter with ``TRITON_INTERPRET=1``, a test mode that ``'auto'`` never picks).
 
-Every kernel backend module exposes ``available()``, ``unavailable_reason()`` and
-``cf_multi_step_<name>(...)`` with the signature of the reference. Neither CuPy nor the compiled
-extension is imported until a backend is asked for.
-
-``backend='auto'`` tries the kernel backends of :data:`AUTO_ORDER` for the tensor's device type in
-that order and takes the first that runs the dtype and is available, else the reference.
+The fused kernels are ``torch.library`` custom ops (:mod:`._ops`). Every backend module exposes
+``available()``, ``unavailable_reason()`` and ``cf_multi_step_<name>(...)`` with the signature of
+the reference. Neither CuPy, Triton nor the compiled extension is loaded until a backend is
+asked for.
 """
 import importlib
 from typing import Callable, Tuple
 
 import torch
 
-__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'available_backends',
+__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'available_backends',
            'kernel_dtypes']
 
 #: Kernel backends and the dtypes each runs, per device type.
@@ -28,29 +26,36 @@ KERNEL_BACKENDS = {
     'triton': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
 }
 
-#: What ``backend='auto'`` tries, per device type, first available first. On CUDA: CuPy (when it
-#: imports and sees the device), else Triton (ships with PyTorch's CUDA wheels), else the
-#: reference. No GPU measurement has ranked CuPy against Triton yet: reorder once one exists.
+#: The order in which ``backend='auto'`` tries the kernel backends, per device type (the first
+#: that is available and runs the dtype and surrogate wins; the reference is the last resort).
+#: CUDA: CuPy when it imports and sees the device, else Triton (it ships with PyTorch's CUDA
+#: wheels). No GPU measurement has ranked the two yet: reorder once one exists.
 AUTO_ORDER = {
-    'cuda': ('cupy', 'triton'),
     'cpu': ('cpp',),
+    'cuda': ('cupy', 'triton'),
 }
+
+_MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy', 'triton': 'triton'}
 
 
 def module(name: str):
-    """The backend module ``spikingjelly_cf.backends.<name>`` (``'cpp'``, ``'cupy'``, ...)."""
-    if name not in KERNEL_BACKENDS:
-        raise ValueError(f'unknown kernel backend {name!r}; kernel backends are '
-                         f'{tuple(KERNEL_BACKENDS)} (the reference is "torch")')
-    return importlib.import_module(f'{__name__}.{name}')
+    """The backend module of ``name`` (``'torch'`` is :mod:`.reference`)."""
+    if name not in _MODULES:
+        raise ValueError(f'unknown backend {name!r}; backends are {tuple(_MODULES)}')
+    return importlib.import_module(f'{__name__}.{_MODULES[name]}')
+
+
+@torch.compiler.assume_constant_result
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run here (a constant for ``torch.compile``: the answer is
+    found once, outside the traced graph)."""
+    return bool(module(name).available())
 
 
 def get(name: str) -> Callable:
-    """The multi-step function of backend ``name`` (``'torch'`` or a kernel backend)."""
-    if name == 'torch':
-        from ..functional.neuron import cf_multi_step_ref  # imported here: no import cycle
-        return cf_multi_step_ref
-    return getattr(module(name), f'cf_multi_step_{name}')
+    """The multi-step function of backend ``name``."""
+    fn = 'cf_multi_step_ref' if name == 'torch' else f'cf_multi_step_{name}'
+    return getattr(module(name), fn)
 
 
 def kernel_dtypes(name: str, device_type: str) -> Tuple[torch.dtype, ...]:
@@ -61,13 +66,18 @@ def kernel_dtypes(name: str, device_type: str) -> Tuple[torch.dtype, ...]:
     table = KERNEL_BACKENDS[name]
     if device_type in table:
         return table[device_type]
-    if name == 'triton' and device_type == 'cpu' and 'cpu' in module(name).device_types():
+    if name == 'triton' and device_type == 'cpu' and _triton_interpreted():
         return table['cuda']
     return ()
 
 
+@torch.compiler.assume_constant_result
+def _triton_interpreted() -> bool:
+    return 'cpu' in module('triton').device_types()
+
+
 def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
-    """Backends that can run tensors of ``dtype`` on ``device_type``, fastest first.
+    """Backends that can run tensors of ``dtype`` on ``device_type``, in ``'auto'``'s order.
 
     ``'torch'`` is always last. For example ``('cpp', 'torch')`` for CPU float32 when the
     extension is built, ``('torch',)`` for CPU float64, ``('cupy', 'torch')`` on CUDA with CuPy.
@@ -76,8 +86,8 @@ def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) ->
     ('torch',)
     """
     device_type = torch.device(device_type).type
-    names = []
-    for name, table in KERNEL_BACKENDS.items():
-        if dtype in table.get(device_type, ()) and module(name).available():
-            names.append(name)
+    names = [name for name in KERNEL_BACKENDS
+             if dtype in KERNEL_BACKENDS[name].get(device_type, ()) and is_available(name)]
+    order = AUTO_ORDER.get(device_type, ())
+    names.sort(key=lambda n: order.index(n) if n in order else len(order))
     return tuple(names) + ('torch',)

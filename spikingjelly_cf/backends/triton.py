@@ -23,10 +23,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import KIND_CODES, prepare
+from ._common import KIND_CODES
+from ._ops import define_kernel_ops
 
-__all__ = ['available', 'unavailable_reason', 'interpreted', 'device_types', 'cf_multi_step_triton',
-           'forward_impl', 'backward_impl', 'use_interpreter', 'levels', 'launch_count', 'DTYPES', 'BLOCK', 'NUM_WARPS']
+__all__ = ['available', 'unavailable_reason', 'interpreted', 'device_types', 'use_interpreter',
+           'cf_multi_step_triton', 'forward_impl', 'backward_impl', 'levels', 'launch_count',
+           'DTYPES', 'BLOCK', 'NUM_WARPS']
 
 #: Storage dtypes the kernels run.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,8 +61,8 @@ def _load():
         else:
             interpret = _force_interpret
         if not interpret and not torch.cuda.is_available():
-            _reason = ('PyTorch sees no CUDA device (set TRITON_INTERPRET=1 before the first use to '
-                       'run the kernels in Triton\'s interpreter on CPU tensors, for tests)')
+            _reason = ('PyTorch sees no CUDA device (set TRITON_INTERPRET=1 before the first use '
+                       'to run the kernels in Triton\'s interpreter on CPU tensors, for tests)')
             return None
         try:  # Triton itself (and its own @jit library) as the environment says, ...
             import triton
@@ -148,6 +150,10 @@ def levels(theta: float, count: int, device: torch.device) -> torch.Tensor:
     return lv
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """What the kernels receive for a storage tensor: bfloat16 as its int16 bits."""
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
@@ -196,7 +202,7 @@ def forward_impl(x: torch.Tensor, v0: torch.Tensor, alpha: torch.Tensor, kind: i
     if N == 0:
         return s, v_last, h, v_seq
     block = BLOCK
-    grid = (triton_cdiv(N, block),)
+    grid = (_cdiv(N, block),)
     _launch(kern.cf_forward_kernel, grid, device,
             _bits(x), _bits(v0), levels(theta_p, k_pos, device), levels(theta_n, k_neg, device),
             _bits(s), h if want_h else s, _bits(v_seq) if return_v else _bits(s), _bits(v_last),
@@ -206,32 +212,24 @@ def forward_impl(x: torch.Tensor, v0: torch.Tensor, alpha: torch.Tensor, kind: i
     return s, v_last, h, v_seq
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def backward_impl(h: torch.Tensor, alpha: torch.Tensor, grad_s: Optional[torch.Tensor],
                   grad_h: Optional[torch.Tensor], grad_v_seq: Optional[torch.Tensor],
                   grad_v_last: Optional[torch.Tensor], kind: int, k: float, c: float,
                   theta_p: float, theta_n: float, k_pos: int, k_neg: int, detach_reset: bool,
-                  need_grad_alpha: bool):
+                  need_grad_alpha: bool, grad_dtype: torch.dtype):
     """Backward kernel (the op layer's contract): ``(grad_x [T, N], grad_v0 [N], grad_alpha)``.
 
     ``h`` is the float32 ``[T, N]`` the forward pass saved; the incoming gradients are tensors or
-    ``None`` (zero). ``grad_x`` and ``grad_v0`` have the storage dtype of the first incoming
-    gradient given (``grad_s``, ``grad_v_seq``, ``grad_v_last``, ``grad_h``; float32 if none);
-    the others are cast to it. ``grad_alpha`` is float32 ``[T]`` for TSG with
-    ``need_grad_alpha``, else an empty ``[0]`` tensor.
+    ``None`` (zero) and are cast to ``grad_dtype``, the dtype of ``grad_x`` and ``grad_v0``.
+    ``grad_alpha`` is float32 ``[T]`` when ``need_grad_alpha`` (TSG's :math:`a_t`; zero for the
+    other surrogates), else an empty ``[0]`` tensor.
     """
     _check_device(h)
     kern = _load()
     T, N = h.shape
     device = h.device
     h = h.contiguous()
-    given = [g for g in (grad_s, grad_v_seq, grad_v_last, grad_h) if g is not None]
-    dtype = given[0].dtype if given else torch.float32
-    if dtype not in DTYPES:
-        dtype = torch.float32
+    dtype = grad_dtype if grad_dtype in DTYPES else torch.float32
 
     def view(g):
         return None if g is None else g.to(device=device, dtype=dtype).contiguous()
@@ -240,12 +238,12 @@ def backward_impl(h: torch.Tensor, alpha: torch.Tensor, grad_s: Optional[torch.T
     grad_x = torch.empty((T, N), dtype=dtype, device=device)
     grad_v0 = torch.empty(N, dtype=dtype, device=device)
     tsg = int(kind) == KIND_CODES['tsg'] and bool(need_grad_alpha)
-    if N == 0:
-        grad_alpha = torch.zeros(T, dtype=torch.float32, device=device) if tsg else \
-            torch.empty(0, dtype=torch.float32, device=device)
-        return grad_x, grad_v0, grad_alpha
+    if N == 0 or (need_grad_alpha and not tsg):
+        grad_alpha = torch.zeros(T if need_grad_alpha else 0, dtype=torch.float32, device=device)
+        if N == 0:
+            return grad_x, grad_v0, grad_alpha
     block = BLOCK
-    programs = triton_cdiv(N, block)
+    programs = _cdiv(N, block)
     partial = torch.empty((programs, T) if tsg else (1,), dtype=torch.float32, device=device)
     alpha = alpha.to(device=device, dtype=torch.float32).contiguous()
     dummy = _bits(grad_x)
@@ -255,72 +253,36 @@ def backward_impl(h: torch.Tensor, alpha: torch.Tensor, grad_s: Optional[torch.T
             alpha, levels(theta_p, k_pos, device), levels(theta_n, k_neg, device),
             _bits(grad_x), _bits(grad_v0), partial,
             T, N, float(k), float(c), float(theta_p), float(theta_n),
-            0.5 * float(torch.tensor(theta_p, dtype=torch.float32)),
-            -0.5 * float(torch.tensor(theta_n, dtype=torch.float32)),
+            _half_width(theta_p), _half_width(-theta_n),
             KIND=int(kind), K_POS=int(k_pos), K_NEG=int(k_neg), HAS_GS=grad_s is not None,
             HAS_GH=grad_h is not None, HAS_GVS=grad_v_seq is not None,
             HAS_GVL=grad_v_last is not None, DETACH=bool(detach_reset), NEED_GA=tsg,
             BF16=dtype == torch.bfloat16, BLOCK=block)
-    grad_alpha = partial.sum(0) if tsg else torch.empty(0, dtype=torch.float32, device=device)
+    if tsg:
+        grad_alpha = partial.sum(0)
+    elif not need_grad_alpha:
+        grad_alpha = torch.empty(0, dtype=torch.float32, device=device)
     return grad_x, grad_v0, grad_alpha
 
 
-class _CFMultiStepTriton(torch.autograd.Function):
-    """Temporary autograd wrapper of :func:`forward_impl` / :func:`backward_impl` (replaced by
-    the op layer's ``define_kernel_ops`` once it is on main)."""
-
-    @staticmethod
-    def forward(ctx, x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset,
-                return_h_seq, return_v_seq, grad_enabled):
-        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
-        s, v_last, h, v_seq = forward_impl(x, v0, alpha, KIND_CODES[kind], k, c, theta_p, theta_n,
-                                           k_pos, k_neg, needs_grad, return_h_seq, return_v_seq)
-        if needs_grad:
-            ctx.save_for_backward(h, alpha)
-            ctx.params = (KIND_CODES[kind], k, c, theta_p, theta_n, k_pos, k_neg,
-                          bool(detach_reset), x.dtype)
-        ctx.set_materialize_grads(False)
-        h_ret = (h if x.dtype == torch.float32 else h.to(x.dtype)) if return_h_seq else None
-        return s, v_last, h_ret, (v_seq if return_v_seq else None)
-
-    @staticmethod
-    def backward(ctx, grad_s, grad_v_last, grad_h, grad_v_seq):
-        h, alpha = ctx.saved_tensors
-        kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, dtype = ctx.params
-        grad_s, grad_v_last, grad_h, grad_v_seq = (None if g is None else g.to(dtype) for g in
-                                                   (grad_s, grad_v_last, grad_h, grad_v_seq))
-        grad_x, grad_v0, grad_alpha = backward_impl(
-            h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
-            k_pos, k_neg, detach_reset, ctx.needs_input_grad[2])
-        return (grad_x.to(dtype) if ctx.needs_input_grad[0] else None,
-                grad_v0.to(dtype) if ctx.needs_input_grad[1] else None,
-                grad_alpha if ctx.needs_input_grad[2] and grad_alpha.numel() else None) + \
-            (None,) * 11
+def _half_width(theta: float) -> float:
+    """CFRect's window half width 0.5f * float32(theta) (exact: a power-of-two product)."""
+    return 0.5 * float(torch.tensor(theta, dtype=torch.float32))
 
 
-def cf_multi_step_triton(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
-                         decay_input: bool = False, v_threshold: float = 1.0,
-                         v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
-                         surrogate_function=None, detach_reset: bool = False, t_start: int = 0,
-                         return_h_seq: bool = False, return_v_seq: bool = False):
-    r"""Multi-step CF neuron on the Triton kernels; the contract of
-    :func:`spikingjelly_cf.functional.neuron.cf_multi_step_ref` for CUDA tensors of dtype
-    float32, float16 or bfloat16 (``v`` is cast to ``x_seq``'s dtype); CPU tensors in Triton's
-    interpreter (``TRITON_INTERPRET=1``, tests).
-
-    Shape: ``x_seq`` ``[T, *]``, ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``,
-    ``h_seq`` / ``v_seq`` ``[T, *]`` or ``None``, all in ``x_seq``'s dtype.
-    """
+def _check_call(x_seq) -> None:
     if not isinstance(x_seq, torch.Tensor) or x_seq.dtype not in DTYPES:
         raise TypeError(f"backend 'triton' runs tensors of dtype float32, float16 or bfloat16, "
                         f"got {getattr(x_seq, 'dtype', type(x_seq).__name__)}")
     _check_device(x_seq)
-    call = prepare('triton', x_seq, v, tau, decay_input, v_threshold, v_threshold_neg, k_pos,
-                   k_neg, surrogate_function, detach_reset, t_start)
-    s, v_last, h, v_seq = _CFMultiStepTriton.apply(
-        call.x, call.v0, call.alpha, call.kind, call.k, call.c, call.theta_p, call.theta_n,
-        call.k_pos, call.k_neg, call.detach_reset, bool(return_h_seq), bool(return_v_seq),
-        torch.is_grad_enabled())
-    T, tail = x_seq.shape[0], call.tail
-    return (s.view(T, *tail), v_last.view(tail), None if h is None else h.view(T, *tail),
-            None if v_seq is None else v_seq.view(T, *tail))
+
+
+#: Multi-step CF neuron on the Triton kernels; the contract of
+#: :func:`spikingjelly_cf.backends.reference.cf_multi_step_ref` for CUDA tensors of dtype
+#: float32, float16 or bfloat16 (``v`` is cast to ``x_seq``'s dtype; ``h_seq`` is computed in
+#: float32 and returned in ``x_seq``'s dtype), and for CPU tensors in Triton's interpreter
+#: (``TRITON_INTERPRET=1``, tests). The ops ``spikingjelly_cf::cf_forward_triton`` /
+#: ``cf_backward_triton`` are registered for CUDA and CPU; the CPU implementation refuses to run
+#: unless the interpreter is on.
+cf_multi_step_triton = define_kernel_ops('triton', ('cpu', 'cuda'), forward_impl, backward_impl,
+                                         check_call=_check_call)
