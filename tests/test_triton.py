@@ -34,6 +34,9 @@ from test_kernels_cpu import assert_close, configs, make_surrogate  # the cpp ke
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+pytestmark = pytest.mark.filterwarnings(  # NumPy in the interpreter: exp overflow to inf etc.
+    'ignore:overflow encountered:RuntimeWarning', 'ignore:invalid value encountered:RuntimeWarning')
+
 
 @pytest.fixture(scope='module', autouse=True)
 def interpreter():
@@ -377,3 +380,58 @@ def test_set_backend():
     before = tb.launch_count
     net(torch.randn(4, 2, 3)).sum().backward()
     assert tb.launch_count == before + 4
+
+
+def _op_args(T=3, N=5, kind=1, dtype=torch.float32, return_h=True, return_v=True):
+    x = (torch.randn(T, N) * 2).to(dtype)
+    v0 = torch.randn(N).to(dtype)
+    alpha = torch.linspace(0.5, 2.0, T)
+    return (x, v0, alpha, kind, 0.25, 1.0, 1.0, -0.8, 2, 1, False, True, return_h, return_v)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('kind', [0, 1])
+def test_opcheck(dtype, kind):
+    """torch.library.opcheck on both ops: schema, fake implementation, autograd registration."""
+    tb.BLOCK = 16
+    fwd = torch.ops.spikingjelly_cf.cf_forward_triton.default
+    bwd = torch.ops.spikingjelly_cf.cf_backward_triton.default
+    args = _op_args(kind=kind, dtype=dtype)
+    x, v0, alpha = args[:3]
+    # forward: with x, v0 and TSG's alpha requiring gradients (the autograd registration is
+    # checked too)
+    fwd_args = (x.requires_grad_(True), v0.requires_grad_(True),
+                alpha.requires_grad_(kind == 1)) + args[3:]
+    torch.library.opcheck(fwd, fwd_args)
+    h = fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))[2]
+    grads = [torch.randn(3, 5).to(dtype), torch.randn(3, 5).to(dtype), None,
+             torch.randn(5).to(dtype)]
+    torch.library.opcheck(bwd, (h, alpha.detach(), *grads, kind, 0.25, 1.0, 1.0, -0.8, 2, 1,
+                                False, kind == 1, dtype))
+
+
+def test_torch_compile_fullgraph():
+    """The kernels are graph nodes: no graph break, compiled == eager (aot_eager: no C++ build)."""
+    tb.BLOCK = 16
+    node = CFNode(step_mode='m', backend='triton', surrogate_function=TSG(T=4))
+    x = torch.randn(4, 2, 9) * 2
+
+    def step(x):
+        node.reset()
+        return node(x)
+
+    explain = torch._dynamo.explain(step)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(step, backend='aot_eager', fullgraph=True)
+    xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    before = tb.launch_count
+    sc = compiled(xc)
+    sc.sum().backward()
+    assert tb.launch_count == before + 2, 'the compiled graph ran the Triton ops'
+    gp = node.surrogate_function.p.grad.clone()
+    node.surrogate_function.p.grad = None
+    se = step(xe)
+    se.sum().backward()
+    assert torch.equal(sc, se)
+    assert torch.equal(xc.grad, xe.grad)
+    assert torch.equal(gp, node.surrogate_function.p.grad)

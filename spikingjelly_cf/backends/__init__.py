@@ -36,13 +36,18 @@ AUTO_ORDER = {
 }
 
 _MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy', 'triton': 'triton'}
+_loaded = {}  # name -> imported backend module
 
 
 def module(name: str):
     """The backend module of ``name`` (``'torch'`` is :mod:`.reference`)."""
+    loaded = _loaded.get(name)  # torch.compile traces a dict lookup, not import_module
+    if loaded is not None:
+        return loaded
     if name not in _MODULES:
         raise ValueError(f'unknown backend {name!r}; backends are {tuple(_MODULES)}')
-    return importlib.import_module(f'{__name__}.{_MODULES[name]}')
+    loaded = _loaded[name] = importlib.import_module(f'{__name__}.{_MODULES[name]}')
+    return loaded
 
 
 @torch.compiler.assume_constant_result

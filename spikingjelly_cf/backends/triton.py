@@ -169,12 +169,23 @@ def _launch(kernel, grid, device: torch.device, *args, **meta) -> None:
     launch_count += 1
 
 
+@torch.compiler.assume_constant_result
+def _runs_on(device_type: str) -> bool:
+    """Whether the kernels take tensors of ``device_type`` (a constant for ``torch.compile``)."""
+    return device_type in (device_types() or ('cuda',))
+
+
+@torch.compiler.assume_constant_result
+def _is_available() -> bool:
+    return available()
+
+
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type not in (device_types() or ('cuda',)):
+    if not _runs_on(t.device.type):
         raise TypeError(f"backend 'triton' runs CUDA tensors (CPU tensors only in Triton's "
                         f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
-    if _load() is None:
-        raise RuntimeError(f"backend 'triton' is unavailable: {_reason}")
+    if not _is_available():
+        raise RuntimeError(f"backend 'triton' is unavailable: {unavailable_reason()}")
 
 
 def forward_impl(x: torch.Tensor, v0: torch.Tensor, alpha: torch.Tensor, kind: int, k: float,
