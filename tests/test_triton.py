@@ -248,6 +248,26 @@ def test_h_exactly_on_a_level(dtype):
         compare(x, torch.zeros(7), make_surrogate(sg_name, 1.0, 2), kwargs, upstream, dtype)
 
 
+def test_levels_rounded_from_double():
+    """Level j is float32(j * theta) with the product in double (cf_level), not the float32
+    product j * float32(theta): h placed exactly on the double-rounded level fires it."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    cases = []
+    while len(cases) < 4:
+        theta, j = float(rng.uniform(0.25, 2.0)), int(rng.integers(2, 5))
+        exact = np.float32(j * theta)
+        if np.float32(j * np.float32(theta)) > exact:  # float32 product: level too high
+            cases.append((theta, j, float(exact)))
+    for theta, j, level in cases:
+        x = torch.tensor([[level]])  # v0 = 0: h = x, exactly on level j
+        kwargs = dict(v_threshold=theta, k_pos=j, k_neg=0, return_h_seq=True)
+        s, _, h, _ = tb.cf_multi_step_triton(x, torch.zeros(1), **kwargs)
+        s_r, _, _, _ = cf_multi_step_ref(x, torch.zeros(1), **kwargs)
+        assert h.item() == level and s_r.item() == j
+        assert s.item() == j, (theta, j, level)
+
+
 def _fma_sensitive_cases(count=6, seed=0):
     """(v0, x, theta): with k = float32(1 - 1/3), h = fl(fl(k v0) + x) lies just below the level
     theta, while the fused fl(k v0 + x) lands on it: an FMA would fire where the reference does
