@@ -8,9 +8,20 @@ into an FMA and float32 spikes equal those of the reference ``cf_multi_step_ref`
 The TSG gradient of each :math:`a_t` is summed per program into a ``[programs, T]`` buffer that
 is reduced afterwards, so it is deterministic (no atomics).
 
+The kernels are the ops ``spikingjelly_cf::cf_forward_triton`` / ``cf_backward_triton``
+(:mod:`._ops`: fake implementations and autograd registered, so ``torch.compile(fullgraph=True)``
+keeps them as graph nodes).
+
 Test mode: with the environment variable ``TRITON_INTERPRET=1`` set before this backend is
 first used, the kernels run in Triton's interpreter on **CPU tensors** (NumPy semantics, slow:
-for tests only). Without it the backend runs CUDA tensors only.
+for tests only; ``backend='auto'`` never picks it). Without it the backend runs CUDA tensors
+only. Only this backend's kernels follow the variable when they are first loaded (it is read
+while ``@triton.jit`` decorates them), and the kernels call no ``@jit`` function of Triton's own
+library, so they run interpreted whether or not Triton itself was imported in interpreter mode.
+:func:`use_interpreter` switches at run time (the tests use it).
+
+The interpreter cannot show FMA contraction (it never fuses), so ``enable_fp_fusion=False`` is
+checked only by the GPU test ``tests/test_gpu.py::test_no_fma_contraction``.
 
 Triton is imported only when the backend is first used; the package works without it. Triton
 ships with PyTorch's CUDA wheels (``pip install triton`` otherwise).
