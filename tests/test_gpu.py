@@ -219,8 +219,8 @@ def test_no_fma_contraction(backend):
     """Inputs where a fused multiply-add in the charge would cross a level (csrc/cf_step.h's
     contract; for Triton this checks enable_fp_fusion=False on the real compiler)."""
     fn, _ = gpu_backend(backend)
-    from test_triton import _fma_sensitive_cases
-    for v0, x, theta in _fma_sensitive_cases(count=16):
+    from fp_cases import fma_sensitive_cases
+    for v0, x, theta in fma_sensitive_cases(count=16):
         xs, v = torch.tensor([[x]], device='cuda'), torch.tensor([v0], device='cuda')
         kwargs = dict(tau=3.0, v_threshold=theta, v_threshold_neg=-theta, k_pos=1, k_neg=1,
                       return_h_seq=True)

@@ -30,6 +30,7 @@ from spikingjelly_cf.backends import triton as tb
 from spikingjelly_cf.functional.neuron import (cf_multi_step, cf_multi_step_ref, cf_single_step,
                                                resolve_backend)
 from spikingjelly_cf.surrogate import TSG, CFRect
+from fp_cases import fma_sensitive_cases
 from test_kernels_cpu import assert_close, configs, make_surrogate  # the cpp kernel's grid
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -268,29 +269,10 @@ def test_levels_rounded_from_double():
         assert s.item() == j, (theta, j, level)
 
 
-def _fma_sensitive_cases(count=6, seed=0):
-    """(v0, x, theta): with k = float32(1 - 1/3), h = fl(fl(k v0) + x) lies just below the level
-    theta, while the fused fl(k v0 + x) lands on it: an FMA would fire where the reference does
-    not."""
-    import numpy as np
-    from fractions import Fraction
-    rng = np.random.default_rng(seed)
-    k = np.float32(1.0 - 1.0 / 3.0)
-    found = []
-    while len(found) < count:
-        v0 = np.float32(rng.uniform(0.5, 2.0))
-        x = np.float32(rng.uniform(0.1, 1.0))
-        unfused = np.float32(np.float32(k * v0) + x)
-        fused = np.float32(Fraction(float(k)) * Fraction(float(v0)) + Fraction(float(x)))
-        if unfused < fused:
-            found.append((float(v0), float(x), float(fused)))
-    return found
-
-
 def test_no_fma_contraction():
     """The charge rounds the product before the sum (cf_step.h): inputs for which the fused
     multiply-add would cross a level keep the reference's spike."""
-    for v0, x, theta in _fma_sensitive_cases():
+    for v0, x, theta in fma_sensitive_cases():
         xs, v = torch.tensor([[x]]), torch.tensor([v0])
         kwargs = dict(tau=3.0, v_threshold=theta, v_threshold_neg=-theta, k_pos=1, k_neg=1,
                       return_h_seq=True)
