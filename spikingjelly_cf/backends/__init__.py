@@ -36,7 +36,6 @@ AUTO_ORDER = {
 }
 
 _MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy', 'triton': 'triton'}
-_loaded = {}  # name -> imported backend module
 
 from .reference import cf_multi_step_ref  # noqa: E402  (the reference is always loaded)
 
@@ -45,13 +44,9 @@ _functions = {'torch': cf_multi_step_ref}  # backend name -> multi-step function
 
 def module(name: str):
     """The backend module of ``name`` (``'torch'`` is :mod:`.reference`)."""
-    loaded = _loaded.get(name)  # torch.compile traces a dict lookup, not import_module
-    if loaded is not None:
-        return loaded
     if name not in _MODULES:
         raise ValueError(f'unknown backend {name!r}; backends are {tuple(_MODULES)}')
-    loaded = _loaded[name] = importlib.import_module(f'{__name__}.{_MODULES[name]}')
-    return loaded
+    return importlib.import_module(f'{__name__}.{_MODULES[name]}')
 
 
 def _function(name: str) -> Callable:
