@@ -258,7 +258,7 @@ def cf_kernel_backends(device: torch.device, dtype: torch.dtype) -> Tuple[List[s
         available_backends = None
     if available_backends is not None:
         available = [b for b in available_backends(device.type, dtype) if b != 'torch']
-    for name in ('cpp', 'cupy'):
+    for name in ('cpp', 'cupy', 'triton', 'inductor'):
         if name in available:
             continue
         try:

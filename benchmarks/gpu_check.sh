@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the CuPy backend (issue 3): the GPU tests, then a short kernel benchmark.
+# One-shot GPU check of the GPU backends ('cupy', 'triton', 'inductor' where present): the GPU
+# tests, then a benchmark of all of them against SpikingJelly's LIFNode on its fastest GPU backend.
 #
-# Meant for a GPU machine without internet (H200, torch + cupy-cuda13x preinstalled, no
-# SpikingJelly). Run from anywhere:   bash benchmarks/gpu_check.sh
-# Installs SpikingJelly from benchmarks/wheels/*.whl when it is not importable, then writes
+# Meant for a GPU machine without internet (H200, torch with its bundled Triton, cupy-cuda13x if
+# present). Run from anywhere:   bash benchmarks/gpu_check.sh
+# Finishes within 8 minutes: every step has its own `timeout`, logs and the script goes on.
+# Installs what is missing from the wheels in benchmarks/wheels/ (ignored by git; fill it on a
+# machine with internet, for the GPU machine's Python, e.g. 3.12 on x86-64 Linux):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d benchmarks/wheels \
+#     spikingjelly==0.0.0.0.14 snntorch norse pytest hypothesis pluggy iniconfig \
+#     sortedcontainers attrs
+# (pure-Python wheels; add cupy-cuda13x for the CuPy backend if the machine lacks it). Results:
 #   benchmarks/results/<YYYY-MM-DD>_<device>/gpu_check.log    everything printed
 #   benchmarks/results/<YYYY-MM-DD>_<device>/gpu_check.json   versions, return codes, test counts
 #   benchmarks/results/<YYYY-MM-DD>_<device>/pytest_gpu.xml   JUnit report of tests/test_gpu.py
-#   benchmarks/results/<YYYY-MM-DD>_<device>/kernel_bench.json  CuPy kernel vs reference timings
-# plus whatever benchmarks/bench_neuron.py --quick --device cuda writes (if present).
-# Every step has its own `timeout`; the whole script stays under 8 minutes.
+#   benchmarks/results/<YYYY-MM-DD>_<device>/gpu_bench.{json,md}  CF backends vs LIFNode, T=8,
+#       N=2^20..2^24, float32/16/bf16, training and inference: time, fraction of copy
+#       bandwidth, peak memory, the targets (benchmarks/gpu_bench.py)
+# plus whatever benchmarks/bench_neuron.py --quick --device cuda writes, if time is left.
 # Environment: PYTHON (default python3, else python), SJ_PATH (an unpacked SpikingJelly to put
-# on PYTHONPATH instead of installing a wheel).
+# on PYTHONPATH instead of installing a wheel), GPU_CHECK_BUDGET_S (default 470).
+# Syntax check without a GPU: bash -n benchmarks/gpu_check.sh
 set -u
 START=$(date +%s)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$ROOT${SJ_PATH:+:$SJ_PATH}${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONDONTWRITEBYTECODE=1
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 DEVICE_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 \
   | tr '[:upper:]' '[:lower:]' | sed -e 's/nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//;s/-$//')
@@ -38,96 +51,54 @@ log "gpu_check: repo $ROOT, python $PY, results in $OUT"
 run 30 nvidia-smi
 run 30 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())"
 run 60 "$PY" -c "import cupy; print('cupy', cupy.__version__)" || log "WARNING: cupy does not import"
+run 60 "$PY" -c "import triton; print('triton', triton.__version__)" || log "WARNING: triton does not import"
 
-# 1. dependencies, offline: SpikingJelly (and pytest/hypothesis if missing) from benchmarks/wheels
+# 1. dependencies, offline, from benchmarks/wheels (only what does not import already)
 INSTALL_RC=0
-if ! "$PY" -c "import spikingjelly" >/dev/null 2>&1; then
-  if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
-    log "installing SpikingJelly from benchmarks/wheels"
-    run 90 "$PY" -m pip install --no-deps --no-index benchmarks/wheels/spikingjelly*.whl
-    INSTALL_RC=$?
+install_wheel() {  # install_wheel <module> <wheel glob>
+  if "$PY" -c "import $1" >/dev/null 2>&1; then return 0; fi
+  if ls benchmarks/wheels/$2 >/dev/null 2>&1; then
+    log "installing $1 from benchmarks/wheels"
+    run 90 "$PY" -m pip install -q --no-deps --no-index --no-cache-dir benchmarks/wheels/$2 \
+      || { INSTALL_RC=1; log "WARNING: installing $1 failed"; }
   else
-    log "ERROR: spikingjelly is not importable and benchmarks/wheels/*.whl is missing"
-    INSTALL_RC=1
+    log "WARNING: $1 is not importable and benchmarks/wheels/$2 is missing"
+    [ "$1" = spikingjelly ] && INSTALL_RC=1
   fi
-fi
-for mod in pytest hypothesis; do
-  if ! "$PY" -c "import $mod" >/dev/null 2>&1 && ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
-    run 60 "$PY" -m pip install --no-index --find-links benchmarks/wheels "$mod" || true
-  fi
+}
+install_wheel spikingjelly 'spikingjelly-*.whl'
+install_wheel snntorch 'snntorch-*.whl'
+install_wheel norse 'norse-*.whl'
+for mod in pluggy iniconfig sortedcontainers attrs pytest hypothesis; do
+  install_wheel "$mod" "${mod}-*.whl"
 done
-
 # 2. GPU tests (parity grid for float32/16/bf16, sentinel, multi vs single step, autocast, ...)
-log "pytest tests/test_gpu.py"
-run 240 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider -o addopts="" \
+# (cupy, triton, inductor where present; Triton compiles ~60 kernel variants on first use)
+log "pytest tests/test_gpu.py (limit 270 s)"
+run 270 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider -o addopts="" \
   --junitxml="$OUT/pytest_gpu.xml"
 PYTEST_RC=$?
 log "pytest exit code $PYTEST_RC"
 
-# 3. short kernel benchmark of our own (always), CuPy kernel vs reference, CUDA events
-log "kernel benchmark"
-run 75 "$PY" - "$OUT/kernel_bench.json" <<'EOF'
-import json, sys, time
-import torch
-from spikingjelly_cf.backends import cupy as cb
-from spikingjelly_cf.functional.neuron import cf_multi_step_ref
-
-def timed(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-rows = []
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for log2n in (20, 22, 24):
-        T, N = 8, 2 ** log2n
-        x = torch.randn(T, N, device='cuda', dtype=dtype, requires_grad=True)
-        v = torch.zeros(N, device='cuda', dtype=dtype)
-        g = torch.randn(T, N, device='cuda', dtype=dtype)
-        def train(fn=cb.cf_multi_step_cupy):
-            x.grad = None
-            s, *_ = fn(x, v)
-            s.backward(g)
-        def infer(fn=cb.cf_multi_step_cupy):
-            with torch.no_grad():
-                fn(x, v)
-        src = torch.empty(T * N * 3, device='cuda', dtype=dtype); dst = torch.empty_like(src)
-        t_copy = timed(lambda: dst.copy_(src))          # 3 TN elements read + 3 TN written
-        t_train, t_infer = timed(train), timed(infer)
-        es = x.element_size()
-        # fused kernel: fwd reads x, writes s, saves h (float32); bwd reads grad_s, h, writes grad_x
-        moved_train = T * N * (es * 4 + 4 * 2)
-        row = dict(dtype=str(dtype).split('.')[-1], T=T, N=N, train_s=t_train, infer_s=t_infer,
-                   copy_GBps=6 * T * N * es / t_copy / 1e9,
-                   train_GBps=moved_train / t_train / 1e9,
-                   infer_GBps=2 * T * N * es / t_infer / 1e9)
-        if log2n == 20:
-            row['ref_train_s'] = timed(lambda: train(cf_multi_step_ref), reps=3)
-            row['speedup_vs_ref'] = row['ref_train_s'] / t_train
-        row['train_frac_of_copy'] = row['train_GBps'] / row['copy_GBps']
-        rows.append(row)
-        print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        del x, v, g, src, dst
-        torch.cuda.empty_cache()
-json.dump({'device': torch.cuda.get_device_name(), 'torch': torch.__version__,
-           'launches': cb.launch_count, 'rows': rows}, open(sys.argv[1], 'w'), indent=1)
-EOF
-KBENCH_RC=$?
-log "kernel benchmark exit code $KBENCH_RC"
+# 3. every GPU backend vs SpikingJelly's LIFNode (gpu_bench.py stops starting cases at its deadline)
+KBENCH_RC=-1
+LEFT=$(( $(left) - 25 ))
+if [ "$LEFT" -gt 30 ]; then
+  log "gpu_bench.py (deadline $((LEFT - 20)) s, limit $LEFT s)"
+  run "$LEFT" "$PY" benchmarks/gpu_bench.py --device cuda --T 8 --log2n 20 22 24 \
+    --dtypes float32 float16 bfloat16 --modes training inference --budget-s 0.3 \
+    --deadline-s $((LEFT - 20)) --out "$OUT"
+  KBENCH_RC=$?
+else
+  log "skipping gpu_bench.py: only $(left) s left"
+fi
+log "gpu_bench exit code $KBENCH_RC"
 
 # 4. the package benchmark (another issue's script), if present and time is left
 BENCH_RC=-1
-ELAPSED=$(( $(date +%s) - START ))
 if [ -f benchmarks/bench_neuron.py ]; then
-  LEFT=$(( 440 - ELAPSED ))
-  if [ "$LEFT" -gt 30 ]; then
+  LEFT=$(( $(left) - 15 ))
+  if [ "$LEFT" -gt 60 ]; then
     log "bench_neuron.py --quick --device cuda (limit ${LEFT}s)"
     run "$LEFT" "$PY" benchmarks/bench_neuron.py --quick --device cuda --out "$ROOT/benchmarks/results"
     BENCH_RC=$?
@@ -146,7 +117,7 @@ import xml.etree.ElementTree as ET
 out, install_rc, pytest_rc, kbench_rc, bench_rc, total = sys.argv[1:]
 summary = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                install_rc=int(install_rc), pytest_rc=int(pytest_rc),
-               kernel_bench_rc=int(kbench_rc), bench_neuron_rc=int(bench_rc),
+               gpu_bench_rc=int(kbench_rc), bench_neuron_rc=int(bench_rc),
                total_s=int(total))
 try:
     summary['git_commit'] = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True,
@@ -157,10 +128,16 @@ try:
     import torch
     summary.update(torch=torch.__version__, cuda=torch.version.cuda,
                    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    import cupy
-    summary['cupy'] = cupy.__version__
 except Exception as exc:  # noqa: BLE001
     summary['import_error'] = repr(exc)
+for mod in ('cupy', 'triton', 'spikingjelly', 'snntorch', 'norse'):
+    try:
+        summary[mod] = __import__(mod).__version__
+    except Exception as exc:  # noqa: BLE001
+        summary[mod] = f'not importable: {type(exc).__name__}'
+bench = os.path.join(out, 'gpu_bench.json')
+if os.path.exists(bench):
+    summary['targets'] = json.load(open(bench)).get('targets')
 junit = os.path.join(out, 'pytest_gpu.xml')
 if os.path.exists(junit):
     suite = ET.parse(junit).getroot()

@@ -201,3 +201,27 @@ def test_flexsn_cf_core_matches_reference(k_pos, k_neg):
     assert torch.equal(s_seq.detach(), s_ref.detach())
     torch.testing.assert_close(v.detach(), v_ref.detach())
     torch.testing.assert_close(grad, grad_ref)
+
+
+def test_gpu_bench_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_bench.py (the GPU script's benchmark) runs end to end on a tiny CPU case
+    and writes its JSON and Markdown; gpu_check.sh parses (bash -n)."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH')
+                                                  else []))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, 'gpu_bench.py'), '--device', 'cpu',
+                           '--T', '2', '--log2n', '8', '--dtypes', 'float32', '--budget-s', '0.01',
+                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.load(open(tmp_path / 'gpu_bench.json'))
+    by_name = {(r['candidate'], r['mode']): r for r in result['rows']}
+    for mode in ('training', 'inference'):
+        assert by_name[('copy', mode)]['time_s'] > 0
+        lif = [r for (name, m), r in by_name.items() if name.startswith('LIF[') and m == mode]
+        assert any(r['status'] == 'ok' and r['time_s'] > 0 and r['peak_bytes'] > 0 for r in lif)
+    assert (tmp_path / 'gpu_bench.md').read_text().startswith('# CF GPU backends')
+    if subprocess.run(['bash', '--version'], capture_output=True).returncode == 0:
+        check = subprocess.run(['bash', '-n', os.path.join(BENCH, 'gpu_check.sh')],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr

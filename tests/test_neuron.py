@@ -281,7 +281,7 @@ BAD = [
     (dict(tau=1.0), ValueError, 'tau'),
     (dict(tau=0.5), ValueError, 'tau'),
     (dict(v_reset=0.0), ValueError, 'v_reset'),
-    (dict(backend='triton'), ValueError, 'backend'),
+    (dict(backend='numba'), ValueError, 'backend'),
     (dict(step_mode='x'), ValueError, 'step_mode'),
     (dict(surrogate_function=3), TypeError, 'surrogate_function'),
 ]

@@ -3,32 +3,39 @@
 * ``'torch'`` (:mod:`.reference`): the pure-PyTorch reference, every dtype, device and surrogate.
 * ``'cpp'`` (:mod:`.cpp`): compiled CPU kernel, float32, OpenMP (optional extension).
 * ``'cupy'`` (:mod:`.cupy`): CUDA kernels compiled by CuPy/NVRTC, float32/float16/bfloat16.
+* ``'triton'`` (:mod:`.triton`): Triton kernels, CUDA, float32/float16/bfloat16 (CPU tensors in
+  Triton's interpreter with ``TRITON_INTERPRET=1``, a test mode that ``'auto'`` never picks).
 
 The fused kernels are ``torch.library`` custom ops (:mod:`._ops`). Every backend module exposes
 ``available()``, ``unavailable_reason()`` and ``cf_multi_step_<name>(...)`` with the signature of
-the reference. Neither CuPy nor the compiled extension is loaded until a backend is asked for.
+the reference. Neither CuPy, Triton nor the compiled extension is loaded until a backend is
+asked for.
 """
 import importlib
 from typing import Callable, Tuple
 
 import torch
 
-__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'available_backends']
+__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'available_backends',
+           'kernel_dtypes']
 
 #: Kernel backends and the dtypes each runs, per device type.
 KERNEL_BACKENDS = {
     'cpp': {'cpu': (torch.float32,)},
     'cupy': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
+    'triton': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
 }
 
 #: The order in which ``backend='auto'`` tries the kernel backends, per device type (the first
 #: that is available and runs the dtype and surrogate wins; the reference is the last resort).
+#: CUDA: CuPy when it imports and sees the device, else Triton (it ships with PyTorch's CUDA
+#: wheels). No GPU measurement has ranked the two yet: reorder once one exists.
 AUTO_ORDER = {
     'cpu': ('cpp',),
-    'cuda': ('cupy',),
+    'cuda': ('cupy', 'triton'),
 }
 
-_MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy'}
+_MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy', 'triton': 'triton'}
 
 from .reference import cf_multi_step_ref  # noqa: E402  (the reference is always loaded)
 
@@ -65,6 +72,24 @@ def get(name: str) -> Callable:
     been imported, e.g. by :func:`is_available`, so ``torch.compile`` traces it)."""
     fn = _functions.get(name)
     return fn if fn is not None else _function(name)
+
+
+def kernel_dtypes(name: str, device_type: str) -> Tuple[torch.dtype, ...]:
+    """Dtypes kernel backend ``name`` runs on ``device_type`` (empty when none).
+
+    Triton's interpreter (test mode, ``TRITON_INTERPRET=1``) runs the CUDA dtypes on CPU tensors.
+    """
+    table = KERNEL_BACKENDS[name]
+    if device_type in table:
+        return table[device_type]
+    if name == 'triton' and device_type == 'cpu' and _triton_interpreted():
+        return table['cuda']
+    return ()
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreted() -> bool:
+    return 'cpu' in module('triton').device_types()
 
 
 def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:

@@ -1,9 +1,10 @@
 r"""Multi-step functions of the circulate-firing neuron (SPEC section 1): backend dispatch.
 
 :func:`cf_multi_step` runs a call on the backend that :func:`resolve_backend` picks (the
-fastest that can run it: ``'cupy'`` on CUDA, the compiled ``'cpp'`` kernel on CPU float32,
-the reference ``'torch'`` otherwise). The pure-PyTorch reference :func:`cf_multi_step_ref`, the
-oracle of every test, lives in :mod:`spikingjelly_cf.backends.reference` and is re-exported here.
+fastest that can run it: ``'cupy'``, else ``'triton'`` on CUDA, the compiled ``'cpp'`` kernel on
+CPU float32, the reference ``'torch'`` otherwise). The pure-PyTorch reference
+:func:`cf_multi_step_ref`, the oracle of every test, lives in
+:mod:`spikingjelly_cf.backends.reference` and is re-exported here.
 """
 import warnings
 from typing import Optional, Tuple
@@ -37,11 +38,11 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     """The backend that will run this call (a name of :data:`BACKENDS` other than ``'auto'``).
 
     ``'auto'`` (or ``None``) tries the kernel backends of ``backends.AUTO_ORDER`` for the
-    tensor's device type (CPU: ``'cpp'``; CUDA: ``'cupy'``) and takes the first that is
-    available and runs the dtype and the surrogate; otherwise the reference ``'torch'``, with a
-    one-time warning when a kernel was expected (float32/half) but cannot run. An explicit kernel
-    backend that cannot run the call raises a clear error, except for dtypes the kernel does not
-    cover, which use the reference.
+    tensor's device type (CPU: ``'cpp'``; CUDA: ``'cupy'``, then ``'triton'``) and takes the first
+    that is available and runs the dtype and the surrogate; otherwise the reference ``'torch'``,
+    with a one-time warning when a kernel was expected (float32/half) but cannot run. An explicit
+    kernel backend that cannot run the call raises a clear error, except for dtypes the kernel
+    does not cover, which use the reference.
     """
     if backend is None:
         backend = 'auto'
@@ -73,7 +74,8 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
         return 'torch'
     # explicit kernel backend
     table = _backends.KERNEL_BACKENDS[backend]
-    if device_type not in table:
+    dtypes = _backends.kernel_dtypes(backend, device_type)
+    if not dtypes:
         raise ValueError(f"backend={backend!r} needs {' or '.join(t.upper() for t in table)} "
                          f"tensors, got a tensor on {x_seq.device}; use backend='auto'")
     if not supported_sg:
@@ -82,7 +84,7 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     if not _backends.is_available(backend):
         raise RuntimeError(f'backend={backend!r} is unavailable: '
                            f'{_backends.module(backend).unavailable_reason()}')
-    if x_seq.dtype not in table[device_type]:
+    if x_seq.dtype not in dtypes:
         return 'torch'  # dtypes the kernel does not cover use the reference
     return backend
 
