@@ -177,12 +177,19 @@ def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, the
     return grad_x, grad_v0, grad_alpha
 
 
+@torch.compiler.assume_constant_result
+def _is_available() -> bool:
+    """``available()`` as a constant for Dynamo (``_load`` takes a lock, which Dynamo cannot
+    trace)."""
+    return available()
+
+
 def _check_call(x_seq) -> None:
     if not isinstance(x_seq, torch.Tensor) or not x_seq.is_cuda or x_seq.dtype not in DTYPES:
         raise TypeError(f"backend 'cupy' runs CUDA tensors of dtype float32, float16 or bfloat16, "
                         f"got {getattr(x_seq, 'dtype', type(x_seq).__name__)} on "
                         f"{getattr(x_seq, 'device', '?')}")
-    if _load() is None:
+    if not _is_available():
         raise RuntimeError(f"backend 'cupy' is unavailable: {_reason}")
 
 
