@@ -9,7 +9,9 @@
 #                                        tests (a second torch version)
 # Each pass tells tests/conftest.py what it claims to test (SPIKINGJELLY_CF_EXPECT_SJ,
 # SPIKINGJELLY_CF_EXPECT_TORCH, SPIKINGJELLY_CF_EXPECT_DATASETS); a mismatch fails that pass at
-# start. Extra arguments go to pytest in every pass (e.g. scripts/test.sh -k kernels).
+# start. The smoke runs of the documented commands (tests/test_documented_commands.py) pick their
+# own environment, so only pass 1 runs them (pass 2 sets SPIKINGJELLY_CF_SKIP_DOC_SMOKE=1).
+# Extra arguments go to pytest in every pass (e.g. scripts/test.sh -k kernels).
 # Environment: VENV, VENV_SJ2 (as in setup_env.sh), PASSES (default "1 2 3").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +49,8 @@ for p in $PASSES; do
          PYTHONPATH= SPIKINGJELLY_CF_EXPECT_SJ=0.0.0.0.14 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 -- \
          "$VENV/bin/python" -m pytest -q "$@" ;;
     2) run_pass "2 (torch 2.14.1, SpikingJelly 2.0.0 without its dependencies)" \
-         PYTHONPATH="$VENV/sj/2.0.0" SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 -- \
+         PYTHONPATH="$VENV/sj/2.0.0" SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 \
+         SPIKINGJELLY_CF_SKIP_DOC_SMOKE=1 -- \
          "$VENV/bin/python" -m pytest -q "$@" ;;
     3) run_pass "3 (torch 2.9.1, SpikingJelly 2.0.0 with its dependencies)" \
          PYTHONPATH= SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.9.1 SPIKINGJELLY_CF_EXPECT_DATASETS=1 -- \
