@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron as sj_neuron
 
-from . import _compat
+from . import _compat, _recompute
 from .functional.neuron import BACKENDS, cf_multi_step, check_cf_parameters
 from .surrogate import CFRect
 
@@ -118,6 +118,9 @@ class CFNode(sj_neuron.BaseNode):
         self.k_neg = p['k_neg']
         self.backend = backend
         self.store_h_seq = store_h_seq
+        # Steps seen since the last reset: the int 0 after a reset, then a 0-d int64 CPU
+        # tensor, so that torch.compile traces one graph for every later step instead of
+        # specialising on an integer attribute (TSG reads a_t at this index).
         self.register_memory('step_count', 0)
 
     # -- construction helpers ------------------------------------------------------------------
@@ -197,6 +200,10 @@ class CFNode(sj_neuron.BaseNode):
             raise TypeError(f'{name} must be a torch.Tensor, got {type(x).__name__}')
         if not x.is_floating_point():
             raise TypeError(f'{name} must be a floating-point tensor, got dtype {x.dtype}')
+        if not torch.compiler.is_compiling():  # a checkpoint re-run starts from the recorded v
+            replayed = _recompute.replayed_v(self)
+            if replayed is not None:
+                return replayed
         v = self.v
         if isinstance(v, float):
             return torch.full_like(x, v)
@@ -210,11 +217,19 @@ class CFNode(sj_neuron.BaseNode):
         return v
 
     def _run(self, x_seq: torch.Tensor, v: torch.Tensor):
+        t_start, replay = self.step_count, False
+        if not torch.compiler.is_compiling():  # see _recompute: checkpoint recomputation
+            t_start, replay = _recompute.before_run(self, v, t_start)
         s_seq, v, h_seq, v_seq = cf_multi_step(
-            x_seq, v, **self._parameters_dict(), t_start=self.step_count,
+            x_seq, v, **self._parameters_dict(), t_start=t_start,
             return_h_seq=self.store_h_seq, return_v_seq=self.store_v_seq, backend=self.backend)
+        if replay:  # the first run already committed the state
+            return s_seq, None
         self.v = v
-        self.step_count = self.step_count + x_seq.shape[0]
+        count = self.step_count  # 0 after a reset, then a 0-d int64 CPU tensor (see __init__)
+        if not isinstance(count, torch.Tensor):
+            count = torch.tensor(count, dtype=torch.int64)
+        self.step_count = count + x_seq.shape[0]
         if self.store_h_seq:
             self.__dict__['h_seq'] = h_seq
         return s_seq, v_seq
@@ -222,7 +237,7 @@ class CFNode(sj_neuron.BaseNode):
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self._initial_v(x, 'x')
         s_seq, v_seq = self._run(x.unsqueeze(0), v)
-        if self.store_v_seq:
+        if v_seq is not None:
             old = self.__dict__.get('v_seq')
             self.__dict__['v_seq'] = v_seq if old is None else torch.cat((old, v_seq))
         return s_seq[0]
@@ -233,7 +248,7 @@ class CFNode(sj_neuron.BaseNode):
                              f'got {getattr(x_seq, "shape", type(x_seq).__name__)}')
         v = self._initial_v(x_seq[0], 'x_seq[t]')
         s_seq, v_seq = self._run(x_seq, v)
-        if self.store_v_seq:
+        if v_seq is not None:
             self.__dict__['v_seq'] = v_seq
         return s_seq
 

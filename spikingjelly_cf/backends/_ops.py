@@ -36,6 +36,21 @@ from ._common import KIND_CODES, prepare
 
 __all__ = ['NAMESPACE', 'define_kernel_ops', 'forward_op', 'backward_op']
 
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks (torch.utils.checkpoint, save_on_cpu, ...) are active.
+
+    They take over what happens to the saved ``h``: a checkpoint drops it after the first run
+    and re-creates it in the backward pass, ``save_on_cpu`` copies it. A pooled buffer kept by
+    ``weakref.finalize`` would then hold the first run's ``h`` (the memory the checkpoint was
+    meant to free), and a checkpoint re-run's buffer would go back to the pool while the
+    checkpoint still hands it to the backward pass.
+    """
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except TypeError:  # older signature without ignore_is_tracing
+        return torch._C._autograd._top_saved_tensors_default_hooks() is not None
+
 NAMESPACE = 'spikingjelly_cf'
 
 _ops = {}  # backend -> (forward op, backward op)
@@ -129,7 +144,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
         ctx.set_materialize_grads(False)
         # Pooled buffers go back only in eager mode: under tracing h is a fake tensor.
         if (recycle_h is not None and save_h and not return_h and type(h) is Tensor
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and not _saved_tensors_hooked()):
             weakref.finalize(ctx, recycle_h, h.detach())  # no grad_fn: no cycle via ctx
 
     def backward(ctx, grad_s, grad_v_last, grad_h, grad_v_seq):

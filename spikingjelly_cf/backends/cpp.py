@@ -104,7 +104,8 @@ def _check(rc: int, what: str) -> None:
 # A fresh [T, N] tensor pays first-touch page faults (on the 2-core CI VM ~0.3 ms per MiB, more
 # than the kernel itself). The h_seq saved for backward never leaves this module, so it is taken
 # from a pool and given back when its autograd node is freed (weakref.finalize on ctx), which is
-# safe with retain_graph: the buffer is reused only once no graph can read it.
+# safe with retain_graph: the buffer is reused only once no graph can read it. Not pooled while
+# saved-tensor hooks are active (torch.utils.checkpoint, save_on_cpu): see _ops._saved_tensors_hooked.
 _POOL_PER_SIZE = 32
 _pool: dict = {}
 
