@@ -18,9 +18,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 VENV_SJ2=${VENV_SJ2:-.venv-sj2}
 PASSES=${PASSES:-1 2 3}
-# pass 3: every test that needs spikingjelly.datasets, and the kernel / neuron / PNB core
+# pass 3: every test that needs spikingjelly.datasets, and the kernel / custom-op / neuron / PNB core
 PASS3_TESTS=(tests/test_examples.py tests/test_synthetic_gesture.py tests/test_kernels_cpu.py
-             tests/test_neuron.py tests/test_pnb.py)
+             tests/test_ops.py tests/test_neuron.py tests/test_pnb.py)
 
 case " $PASSES " in
   *" 3 "*) bash scripts/setup_env.sh --sj2-full ;;
