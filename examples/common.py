@@ -647,7 +647,12 @@ def _write_json(obj, path: str) -> None:
 # main
 # ----------------------------------------------------------------------------------------------
 def _default_out_dir(task: Task, args) -> str:
-    return os.path.join('runs', f'{task.name}_{args.arch}_{args.neuron}_T{args.T}_seed{args.seed}')
+    """``runs/<task>_<arch>_<neuron>_T<T>_seed<seed>``, plus ``_sj<version>`` on SpikingJelly 2.x,
+    so runs on the two release lines never overwrite (or ``--resume``) each other."""
+    name = f'{task.name}_{args.arch}_{args.neuron}_T{args.T}_seed{args.seed}'
+    if not spikingjelly_cf._compat.CLASSIC:
+        name += f'_sj{spikingjelly_cf.SPIKINGJELLY_VERSION}'
+    return os.path.join('runs', name)
 
 
 def _set_threads(args, dist_) -> None:

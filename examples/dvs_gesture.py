@@ -159,11 +159,14 @@ class FramesDataset(torch.utils.data.Dataset):
 def _import_dvs128():
     try:
         from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
-    except Exception as e:  # SpikingJelly 2.0.0 needs torchaudio for its datasets
+    except Exception as e:  # SpikingJelly 2.0's datasets import torchaudio (and torchvision)
         import spikingjelly_cf
+        hint = ('SpikingJelly 2.0 needs a torchaudio that loads beside this torch '
+                f'({torch.__version__}); the tested combination is torch==2.9.1 torchvision==0.24.1 '
+                "'torchaudio==2.9.*' (bash scripts/run_dvs_gesture.sh --sj2 sets it up)"
+                if not spikingjelly_cf._compat.CLASSIC else 'is SpikingJelly installed completely?')
         raise SystemExit(f'spikingjelly.datasets cannot be imported with SpikingJelly '
-                         f'{spikingjelly_cf.SPIKINGJELLY_VERSION} ({type(e).__name__}: {e}); '
-                         f'run this example with SpikingJelly 0.0.0.0.14') from e
+                         f'{spikingjelly_cf.SPIKINGJELLY_VERSION} ({type(e).__name__}: {e}): {hint}') from e
     return DVS128Gesture
 
 
@@ -191,12 +194,18 @@ def _count_files(path: str) -> int:
 
 def _integrate(root: str, T: int, DVS128Gesture, verbose: bool):
     """``DVS128Gesture`` train and test frame sets; SpikingJelly integrates the events on first use.
-    A frames folder left incomplete by an interrupted run is removed and rebuilt."""
+
+    A frames folder left by an interrupted run is removed and rebuilt: one with fewer files than
+    ``events_np`` (SpikingJelly 0.0.0.0.14 writes in place), or one beside SpikingJelly 2.0's
+    ``<frames>.building`` marker (2.0 itself refuses to start while that marker exists)."""
     frames = _frames_dir(root, T)
     events = os.path.join(root, 'events_np')
-    if os.path.isdir(frames) and _count_files(frames) != _count_files(events):
+    marker = frames + '.building'
+    if os.path.exists(marker) or (os.path.isdir(frames) and _count_files(frames) != _count_files(events)):
         print(f'[data] {frames} is incomplete (interrupted integration?); rebuilding it')
-        shutil.rmtree(frames)
+        shutil.rmtree(frames, ignore_errors=True)
+        if os.path.exists(marker):
+            os.remove(marker)
     tic = time.time()
     built = not os.path.isdir(frames)
     sink = io.StringIO()

@@ -7,6 +7,38 @@ import torch
 import spikingjelly_cf
 
 
+def _expectation_errors():
+    """What the running pass claims to test (scripts/test.sh sets these) against what it imports.
+
+    ``SPIKINGJELLY_CF_EXPECT_SJ`` (e.g. ``0.0.0.0.14`` or ``2.0.0``), ``SPIKINGJELLY_CF_EXPECT_TORCH``
+    (e.g. ``2.9.1``; compared without the ``+cu...`` local tag) and
+    ``SPIKINGJELLY_CF_EXPECT_DATASETS=1`` (``spikingjelly.datasets.dvs128_gesture`` must import,
+    so the DVS tests run instead of skipping). Unset: not checked.
+    """
+    errors = []
+    want_sj = os.environ.get('SPIKINGJELLY_CF_EXPECT_SJ')
+    if want_sj and spikingjelly_cf.SPIKINGJELLY_VERSION != want_sj:
+        errors.append(f'SpikingJelly {spikingjelly_cf.SPIKINGJELLY_VERSION} is imported, '
+                      f'this pass claims to test {want_sj} (SPIKINGJELLY_CF_EXPECT_SJ)')
+    want_torch = os.environ.get('SPIKINGJELLY_CF_EXPECT_TORCH')
+    if want_torch and torch.__version__.split('+')[0] != want_torch:
+        errors.append(f'torch {torch.__version__} is imported, this pass claims to test {want_torch} '
+                      f'(SPIKINGJELLY_CF_EXPECT_TORCH)')
+    if os.environ.get('SPIKINGJELLY_CF_EXPECT_DATASETS', '') not in ('', '0'):
+        try:
+            import spikingjelly.datasets.dvs128_gesture  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any reason is a failure of this pass
+            errors.append(f'spikingjelly.datasets.dvs128_gesture does not import ({type(exc).__name__}: '
+                          f'{exc}), this pass claims to run the DVS tests (SPIKINGJELLY_CF_EXPECT_DATASETS)')
+    return errors
+
+
+def pytest_configure(config):
+    errors = _expectation_errors()
+    if errors:
+        raise pytest.UsageError('wrong test environment: ' + '; '.join(errors))
+
+
 def pytest_report_header(config):
     import spikingjelly
     return (f'spikingjelly {spikingjelly_cf.SPIKINGJELLY_VERSION} from '

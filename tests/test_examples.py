@@ -177,3 +177,31 @@ def test_cifar10_fake_data_one_epoch(tmp_path):
     assert saved['train_samples'] == 8 and saved['test_samples'] == 8
     assert len(saved['spike_levels']) > 0 and saved['energy']['total']['flops'] > 0
     assert os.path.isfile(os.path.join(out, 'checkpoints', 'latest.pt'))
+
+
+@needs_datasets
+def test_dvs_interrupted_integration_is_rebuilt(tmp_path):
+    """A frames folder left by an interrupted integration is rebuilt: one with missing files, or one
+    beside SpikingJelly 2.0's ``.building`` marker (2.0 refuses to start while the marker exists)."""
+    from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
+    from spikingjelly_cf.datasets import synthetic_gesture as sg
+    dvs = _load_example('dvs_gesture')
+    root = str(tmp_path / 'set')
+    sg.write_synthetic_gesture(root, n_train_per_class=1, n_test_per_class=1, events=(300, 400), n_steps=16)
+    frames = dvs._frames_dir(root, 3)
+    n_events = dvs._count_files(os.path.join(root, 'events_np'))
+    sets = dvs._integrate(root, 3, DVS128Gesture, verbose=False)
+    assert len(sets['train']) == len(sets['test']) == 11 and dvs._count_files(frames) == n_events
+    victim = os.path.join(frames, 'train', '0', os.listdir(os.path.join(frames, 'train', '0'))[0])
+    # 1. a file missing: rebuilt
+    os.remove(victim)
+    dvs._integrate(root, 3, DVS128Gesture, verbose=False)
+    assert os.path.isfile(victim) and dvs._count_files(frames) == n_events
+    # 2. the folder complete but 2.0's marker left beside it: rebuilt, marker gone
+    open(frames + '.building', 'w').close()
+    os.utime(victim, ns=(1, 1))
+    sets = dvs._integrate(root, 3, DVS128Gesture, verbose=False)
+    assert not os.path.exists(frames + '.building')
+    assert os.stat(victim).st_mtime_ns != 1 and dvs._count_files(frames) == n_events
+    x, target = sets['train'][0]
+    assert x.shape == (3, 2, 128, 128) and 0 <= target < 11

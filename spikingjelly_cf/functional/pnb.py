@@ -117,7 +117,7 @@ def pnb_statistics(h: torch.Tensor, v_threshold: float, v_threshold_neg: float, 
 
 
 def _levels_and_weights(h: torch.Tensor, a: float, b: float, K: int):
-    """Interval index ``level + K`` of every potential (``K``: in no interval; ``K + k``:
+    r"""Interval index ``level + K`` of every potential (``K``: in no interval; ``K + k``:
     :math:`U^+_k`; ``K - k``: :math:`U^-_k`) and the weight ``w`` of Eq. 20-21.
 
     Both sides have the same open/closed ends in :math:`|h|`: :math:`(k-1)\theta < |h| \le k\theta`
@@ -138,7 +138,7 @@ def _levels_and_weights(h: torch.Tensor, a: float, b: float, K: int):
 
 
 class _PNBStatistics(torch.autograd.Function):
-    """The ``[K, 6]`` sums in one pass each way (no ``[K, numel]`` temporaries).
+    r"""The ``[K, 6]`` sums in one pass each way (no ``[K, numel]`` temporaries).
 
     Backward: with :math:`w = e^{-|c - h|}`, :math:`dw/dh = w\,\mathrm{sign}(c - h)`, so
     :math:`\partial L/\partial h = g_{hw}(w + h\,dw/dh) + g_w\,dw/dh` with the incoming
