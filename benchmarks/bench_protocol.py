@@ -23,10 +23,14 @@ backward pass (unique storages seen by ``torch.autograd.graph.saved_tensors_hook
 counted once, parameters included), the peak RSS increase of the process during the call
 (``/proc/self/status`` ``VmHWM`` after resetting it through ``/proc/self/clear_refs``) and, on
 CUDA, ``torch.cuda.max_memory_allocated``. "Saved bytes per neuron-step" is measured on the neuron
-layer alone (input ``[T, batch*n]`` requiring a gradient, no Linear) and divided by ``T*batch*n``.
+layer alone (input ``[T, batch, n]`` requiring a gradient, no Linear; T = 64, it does not depend
+on T) and divided by ``T*batch*n``.
 
 Long sequences: T = 8, 64, 500 with ``TSG(T=T)`` and ``TSG(T=1)`` on every CF backend of the
-device at n = 512 (time and saved bytes; both grow linearly in T).
+device (time and saved bytes; both grow linearly in T), n = 512 on the kernels and n = 64 on the
+pure-PyTorch reference (a Python loop over T and the levels; at n = 512, T = 500 one call takes
+about a minute on the shared 2-core machine). A case whose first call takes longer than
+``--slow-s`` is timed with one call (noted).
 
 Before timing, every CF candidate is checked against the pure-PyTorch reference on the same
 network: spikes, input gradient, weight gradient and TSG's parameter gradient.
@@ -441,6 +445,9 @@ class Config:
     batch: int
     long_Ts: List[int]
     long_n: int
+    long_n_reference: int
+    per_step_T: int
+    slow_s: float
     warmup: int
     repeats: int
     max_call_s: float
@@ -448,10 +455,24 @@ class Config:
     only: Optional[List[str]]
 
 
-def timing(call, cfg: Config, warmup: Optional[int] = None) -> common.Timing:
+def timing(call, cfg: Config, warmup: Optional[int] = None,
+           first_call_s: Optional[float] = None) -> common.Timing:
+    """Median of ``cfg.repeats`` calls; a single call when the first (memory) call took longer
+    than ``cfg.slow_s`` (the pure-PyTorch loops at T = 500 on a shared 2-core machine)."""
+    repeats = cfg.repeats
+    if first_call_s is not None and first_call_s > cfg.slow_s:
+        repeats = 1
     return common.measure(call, cfg.device, warmup=cfg.warmup if warmup is None else warmup,
-                          min_repeats=cfg.repeats,
-                          max_repeats=cfg.repeats, budget_s=0.0)
+                          min_repeats=repeats, max_repeats=repeats, budget_s=0.0)
+
+
+def memory_and_timing(net, x, grad, cfg: Config, rate: Optional[list] = None):
+    """The memory call (which is also the first warm-up call), then the timed calls."""
+    began = time.perf_counter()
+    mem = measure_memory(step_fn(net, x, grad, rate), cfg.device)
+    first = time.perf_counter() - began
+    t = timing(train_call(net, x, grad), cfg, warmup=max(0, cfg.warmup - 1), first_call_s=first)
+    return mem, t, first
 
 
 def run_protocol(cfg: Config, cands: List[Candidate]) -> List[dict]:
@@ -478,10 +499,13 @@ def run_protocol(cfg: Config, cands: List[Candidate]) -> List[dict]:
                 net = make_net(c, n, cfg.T, cfg.device)
                 # the memory call is the first warm-up call (and gives the firing rate)
                 rate = []
-                mem = measure_memory(step_fn(net, x, grad, rate), cfg.device)
-                t = timing(train_call(net, x, grad), cfg, warmup=max(0, cfg.warmup - 1))
+                mem, t, first = memory_and_timing(net, x, grad, cfg, rate)
                 rate = rate[0]
-                row.update(status='ok', time_s=t.to_dict(), firing_rate=rate, **mem)
+                row.update(status='ok', time_s=t.to_dict(), first_call_s=first,
+                           firing_rate=rate, **mem)
+                if t.repeats == 1:
+                    note(f'{c.name} n={n}: one timed call (the first call took {first:.0f} s > '
+                         f'--slow-s {cfg.slow_s:g})')
                 if n == cfg.ns[0]:
                     estimate[c.name] = t.median
                 print(f'[protocol T={cfg.T} B={cfg.batch} n={n}] {c.name:<42} '
@@ -533,22 +557,22 @@ def run_long_T(cfg: Config) -> List[dict]:
     backends, default = cf_backends(cfg.device)
     lean = cf_supports_memory()
     rows = []
-    modes = ['normal'] + (['lean'] if lean else [])
     for b in backends:
+        modes = ['normal'] + (['lean'] if lean and b != 'torch' else [])
         for tsg in ('T', '1'):
             for memory in modes:
                 for T in cfg.long_Ts:
                     c = cf_candidate(b, 'TSG', b == default, memory=memory,
                                      tsg_T=None if tsg == 'T' else 1)
-                    x, grad = make_data(T, cfg.batch, cfg.long_n, cfg.device, seed=7)
+                    n = cfg.long_n_reference if b == 'torch' else cfg.long_n
+                    x, grad = make_data(T, cfg.batch, n, cfg.device, seed=7)
                     row = dict(candidate=c.name, backend=b, tsg=f'TSG(T={tsg})', memory_mode=memory,
-                               T=T, batch=cfg.batch, n=cfg.long_n)
+                               T=T, batch=cfg.batch, n=n)
                     try:
-                        net = make_net(c, cfg.long_n, T, cfg.device)
-                        mem = measure_memory(step_fn(net, x, grad), cfg.device)
-                        t = timing(train_call(net, x, grad), cfg, warmup=max(0, cfg.warmup - 1))
-                        row.update(status='ok', time_s=t.to_dict(), **mem)
-                        print(f'[long T n={cfg.long_n}] {b:<6} TSG(T={tsg:<1}) {memory:<6} T={T:<4} '
+                        net = make_net(c, n, T, cfg.device)
+                        mem, t, first = memory_and_timing(net, x, grad, cfg)
+                        row.update(status='ok', time_s=t.to_dict(), first_call_s=first, **mem)
+                        print(f'[long T n={n}] {b:<6} TSG(T={tsg:<1}) {memory:<6} T={T:<4} '
                               f'{common.fmt_time(t.median):>9}  saved '
                               f'{common.fmt_bytes(mem["saved_bytes"])}', flush=True)
                     except Exception as exc:  # noqa: BLE001
@@ -655,11 +679,13 @@ def markdown_report(p: dict) -> str:
                                       if 'bytes_per_neuron_step' in r else r.get('reason'),
                                       r.get('saved_storages', '')] for r in p['per_step']]), '']
     if p['long_T']:
-        lines += [f'## Long sequences (n = {cfg["long_n"]}, batch {cfg["batch"]})', '',
+        lines += [f'## Long sequences (Linear(n, n) + CF, batch {cfg["batch"]}; n = '
+                  f'{cfg["long_n"]} on the kernels, {cfg["long_n_reference"]} on the Python-loop '
+                  f'reference)', '',
                   common.markdown_table(
-                      ['backend', 'surrogate', 'memory', 'T', 'median', 'time / T', 'saved',
+                      ['backend', 'surrogate', 'memory', 'n', 'T', 'median', 'time / T', 'saved',
                        'saved / T'],
-                      [[r['backend'], r['tsg'], r['memory_mode'], r['T'],
+                      [[r['backend'], r['tsg'], r['memory_mode'], r['n'], r['T'],
                         common.fmt_time(r['time_s']['median']) if r.get('status') == 'ok'
                         else r.get('reason'),
                         common.fmt_time(r['time_s']['median'] / r['T'])
@@ -724,7 +750,7 @@ def plot(p: dict, path: str) -> None:
     for key in series:
         rs = sorted([r for r in long_rows if (r['backend'], r['tsg'], r['memory_mode']) == key],
                     key=lambda r: r['T'])
-        label = f'{key[0]} {key[1]} {key[2]}'
+        label = f'{key[0]} {key[1]} {key[2]} n={rs[0]["n"]}'
         axes[1].plot([r['T'] for r in rs], [r['time_s']['median'] for r in rs], 'o-', label=label)
         axes[2].plot([r['T'] for r in rs], [r['saved_bytes'] for r in rs], 'o-', label=label)
     for ax, what in ((axes[1], 'time (s)'), (axes[2], 'saved bytes')):
@@ -732,7 +758,7 @@ def plot(p: dict, path: str) -> None:
         ax.set_yscale('log')
         ax.set_xlabel('T (log)')
         ax.set_ylabel(what + ' (log)')
-        ax.set_title(f'long T, n={p["config"]["long_n"]}: {what} (slope 1 = linear)')
+        ax.set_title(f'long T: {what} (slope 1 = linear)')
         ax.legend(fontsize=6)
         ax.grid(True, which='both', alpha=0.3)
     meta = p['environment']
@@ -752,6 +778,12 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--long-T', nargs='+', type=int, default=None, help='default 8 64 500')
     p.add_argument('--long-n', type=int, default=512)
+    p.add_argument('--long-n-reference', type=int, default=64,
+                   help='n of the long-T sweep on the pure-PyTorch reference (a Python loop)')
+    p.add_argument('--per-step-T', type=int, default=64,
+                   help='T of the saved-bytes-per-neuron-step measurement (T-independent)')
+    p.add_argument('--slow-s', type=float, default=20.0,
+                   help='a case whose first call takes longer is timed with one call')
     p.add_argument('--no-long-T', action='store_true')
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--repeats', type=int, default=3, help='timed calls per case (median)')
@@ -769,13 +801,15 @@ def main(argv=None) -> int:
     device = common.resolve_device(args.device)
     if args.quick:
         ns, T, long_Ts, long_n = args.n or [32], min(args.T, 12), args.long_T or [4, 8], 32
-        batch, repeats, warmup = 2, 2, 1
+        batch, repeats, warmup, long_n_ref, per_step_T = 2, 2, 1, 16, 8
     else:
         ns = args.n or ([512, 4096, 16384] if device.type == 'cuda' else [512, 4096])
         T, long_Ts, long_n = args.T, args.long_T or [8, 64, 500], args.long_n
         batch, repeats, warmup = args.batch, args.repeats, args.warmup
+        long_n_ref, per_step_T = args.long_n_reference, args.per_step_T
     cfg = Config(device=device, ns=ns, T=T, batch=batch, long_Ts=[] if args.no_long_T else long_Ts,
-                 long_n=long_n, warmup=warmup, repeats=repeats, max_call_s=args.max_call_s,
+                 long_n=long_n, long_n_reference=long_n_ref, per_step_T=per_step_T,
+                 slow_s=args.slow_s, warmup=warmup, repeats=repeats, max_call_s=args.max_call_s,
                  quick=args.quick, only=args.only)
     meta = common.environment(device)
     tag = args.tag or f'sj{meta["spikingjelly"]}'
@@ -800,7 +834,7 @@ def main(argv=None) -> int:
             if not r['passed']:
                 c.unavailable = 'disagrees with the reference (see the checks)'
     rows = run_protocol(cfg, cands)
-    per_step = neuron_saved_bytes(cands, cfg, T=cfg.T, n=cfg.ns[0])
+    per_step = neuron_saved_bytes(cands, cfg, T=cfg.per_step_T, n=cfg.ns[0])
     long_rows = run_long_T(cfg) if cfg.long_Ts else []
     meta['load_average_end'] = common.load_average()
     if meta['load_average_end'] and meta['load_average_end'][0] > 0.5 * common.cpu_count() \
@@ -812,8 +846,9 @@ def main(argv=None) -> int:
                    command=' '.join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
                    environment=meta,
                    config=dict(ns=cfg.ns, T=cfg.T, batch=cfg.batch, long_Ts=cfg.long_Ts,
-                               long_n=cfg.long_n, warmup=cfg.warmup, repeats=cfg.repeats,
-                               quick=cfg.quick),
+                               long_n=cfg.long_n, long_n_reference=cfg.long_n_reference,
+                               per_step_T=cfg.per_step_T, slow_s=cfg.slow_s, warmup=cfg.warmup,
+                               repeats=cfg.repeats, quick=cfg.quick),
                    lif_parameters=LIF_PARAMETERS, checks=checks, protocol=rows, per_step=per_step,
                    long_T=long_rows, targets=[], notes=NOTES,
                    wall_s=round(time.time() - began, 1))
