@@ -23,6 +23,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from spikingjelly.activation_based import surrogate as _sj_surrogate
 
 __all__ = ['CFRect', 'TSG', 'heaviside', 'surrogate_spec', 'kernel_kind', 'level_spike', 'KERNEL_SURROGATES']
 
@@ -232,14 +233,14 @@ def level_spike(surrogate_function, x: torch.Tensor, theta: float, t: int) -> to
     return surrogate_function(x)
 
 
+#: SpikingJelly surrogate classes the kernels run, by kind.
+_SJ_KINDS = tuple((kind, getattr(_sj_surrogate, name)) for kind, name in
+                  (('sigmoid', 'Sigmoid'), ('atan', 'ATan')) if hasattr(_sj_surrogate, name))
+
+
 def _spikingjelly_kind(surrogate_function) -> Optional[str]:
-    try:
-        from spikingjelly.activation_based import surrogate as sj_surrogate
-    except ImportError:  # pragma: no cover - spikingjelly is a hard dependency
-        return None
-    for kind, name in (('sigmoid', 'Sigmoid'), ('atan', 'ATan')):
-        cls = getattr(sj_surrogate, name, None)
-        if cls is not None and type(surrogate_function) is cls:
+    for kind, cls in _SJ_KINDS:
+        if type(surrogate_function) is cls:
             return kind
     return None
 

@@ -1,19 +1,19 @@
-"""Fused kernels of the CF neuron, one module per backend, imported lazily.
+"""Backends of the CF neuron, one module per backend, imported lazily.
 
+* ``'torch'`` (:mod:`.reference`): the pure-PyTorch reference, every dtype, device and surrogate.
 * ``'cpp'`` (:mod:`.cpp`): compiled CPU kernel, float32, OpenMP (optional extension).
 * ``'cupy'`` (:mod:`.cupy`): CUDA kernels compiled by CuPy/NVRTC, float32/float16/bfloat16.
-* ``'torch'``: the pure-PyTorch reference, ``functional.neuron.cf_multi_step_ref``.
 
-Every kernel backend module exposes ``available()``, ``unavailable_reason()`` and
-``cf_multi_step_<name>(...)`` with the signature of the reference. Neither CuPy nor the compiled
-extension is imported until a backend is asked for.
+The fused kernels are ``torch.library`` custom ops (:mod:`._ops`). Every backend module exposes
+``available()``, ``unavailable_reason()`` and ``cf_multi_step_<name>(...)`` with the signature of
+the reference. Neither CuPy nor the compiled extension is loaded until a backend is asked for.
 """
 import importlib
 from typing import Callable, Tuple
 
 import torch
 
-__all__ = ['KERNEL_BACKENDS', 'get', 'module', 'available_backends']
+__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'available_backends']
 
 #: Kernel backends and the dtypes each runs, per device type.
 KERNEL_BACKENDS = {
@@ -21,25 +21,38 @@ KERNEL_BACKENDS = {
     'cupy': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
 }
 
+#: The order in which ``backend='auto'`` tries the kernel backends, per device type (the first
+#: that is available and runs the dtype and surrogate wins; the reference is the last resort).
+AUTO_ORDER = {
+    'cpu': ('cpp',),
+    'cuda': ('cupy',),
+}
+
+_MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy'}
+
 
 def module(name: str):
-    """The backend module ``spikingjelly_cf.backends.<name>`` (``'cpp'`` or ``'cupy'``)."""
-    if name not in KERNEL_BACKENDS:
-        raise ValueError(f'unknown kernel backend {name!r}; kernel backends are '
-                         f'{tuple(KERNEL_BACKENDS)} (the reference is "torch")')
-    return importlib.import_module(f'{__name__}.{name}')
+    """The backend module of ``name`` (``'torch'`` is :mod:`.reference`)."""
+    if name not in _MODULES:
+        raise ValueError(f'unknown backend {name!r}; backends are {tuple(_MODULES)}')
+    return importlib.import_module(f'{__name__}.{_MODULES[name]}')
+
+
+@torch.compiler.assume_constant_result
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run here (a constant for ``torch.compile``: the answer is
+    found once, outside the traced graph)."""
+    return bool(module(name).available())
 
 
 def get(name: str) -> Callable:
-    """The multi-step function of backend ``name`` (``'torch'``, ``'cpp'`` or ``'cupy'``)."""
-    if name == 'torch':
-        from ..functional.neuron import cf_multi_step_ref  # imported here: no import cycle
-        return cf_multi_step_ref
-    return getattr(module(name), f'cf_multi_step_{name}')
+    """The multi-step function of backend ``name``."""
+    fn = 'cf_multi_step_ref' if name == 'torch' else f'cf_multi_step_{name}'
+    return getattr(module(name), fn)
 
 
 def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
-    """Backends that can run tensors of ``dtype`` on ``device_type``, fastest first.
+    """Backends that can run tensors of ``dtype`` on ``device_type``, in ``'auto'``'s order.
 
     ``'torch'`` is always last. For example ``('cpp', 'torch')`` for CPU float32 when the
     extension is built, ``('torch',)`` for CPU float64, ``('cupy', 'torch')`` on CUDA with CuPy.
@@ -48,8 +61,8 @@ def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) ->
     ('torch',)
     """
     device_type = torch.device(device_type).type
-    names = []
-    for name, table in KERNEL_BACKENDS.items():
-        if dtype in table.get(device_type, ()) and module(name).available():
-            names.append(name)
+    names = [name for name in KERNEL_BACKENDS
+             if dtype in KERNEL_BACKENDS[name].get(device_type, ()) and is_available(name)]
+    order = AUTO_ORDER.get(device_type, ())
+    names.sort(key=lambda n: order.index(n) if n in order else len(order))
     return tuple(names) + ('torch',)

@@ -36,7 +36,7 @@ def prepare(backend: str, x_seq: torch.Tensor, v, tau: float, decay_input: bool,
             v_dtype: Optional[torch.dtype] = None) -> Call:
     """Flatten ``x_seq`` to ``[T, N]`` and ``v`` to ``[N]`` and read the surrogate's kernel form.
 
-    Parameters are assumed valid (``functional.neuron.check_cf_parameters`` checks them in the
+    Parameters are assumed valid (``_validation.check_cf_parameters`` checks them in the
     dispatcher); a surrogate that no kernel runs raises ``ValueError`` naming the supported ones.
     """
     if surrogate_function is None:

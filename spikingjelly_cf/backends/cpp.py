@@ -15,12 +15,12 @@ import ctypes
 import importlib.util
 import os
 import threading
-import weakref
 from typing import Optional
 
 import torch
 
-from ._common import KIND_CODES, grad_view, prepare, ptr
+from ._common import grad_view, ptr
+from ._ops import define_kernel_ops
 
 __all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache']
 
@@ -130,92 +130,67 @@ def empty_cache() -> None:
         _pool.clear()
 
 
-class CFMultiStepCPU(torch.autograd.Function):
-    """Fused multi-step CF neuron on ``[T, N]`` float32 CPU tensors (see :func:`cf_multi_step_cpp`).
-
-    Saves only ``h_seq`` (and TSG's ``alpha``) for the backward pass, and nothing when no input
-    requires a gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset,
-                return_h_seq, return_v_seq, grad_enabled):
-        global launch_count
-        lib = _load()
-        T, N = x.shape
-        # needs_input_grad is True under torch.no_grad() too: ask the caller's grad mode as well
-        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
-        s = torch.empty_like(x)
-        v_last = torch.empty_like(v0)
-        if return_h_seq:  # handed to the caller: a tensor of its own
-            h = torch.empty_like(x)
-        elif needs_grad:  # read only by our backward: pooled
-            h = _take(T, N)
-            weakref.finalize(ctx, _give, h)
-        else:
-            h = None
-        v_seq = torch.empty_like(x) if return_v_seq else None
-        _check(lib.cf_cpu_forward(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
-                                  v_last.data_ptr(), T, N, k, c, theta_p, theta_n, k_pos, k_neg,
-                                  torch.get_num_threads()), 'forward')
-        launch_count += 1
-        if needs_grad:
-            ctx.save_for_backward(h, alpha)
-            ctx.params = (KIND_CODES[kind], k, c, theta_p, theta_n, k_pos, k_neg,
-                          int(detach_reset))
-        ctx.set_materialize_grads(False)
-        return s, v_last, (h if return_h_seq else None), v_seq
-
-    @staticmethod
-    def backward(ctx, grad_s, grad_v_last, grad_h, grad_v_seq):
-        global launch_count
-        lib = _load()
-        h, alpha = ctx.saved_tensors
-        kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset = ctx.params
-        T, N = h.shape
-        f32 = torch.float32
-        grad_s, grad_h, grad_v_seq, grad_v_last = (grad_view(g, f32) for g in
-                                                   (grad_s, grad_h, grad_v_seq, grad_v_last))
-        grad_x = torch.empty_like(h)
-        grad_v0 = torch.empty(N, dtype=f32)
-        grad_alpha = (torch.empty(T, dtype=f32)
-                      if kind == KIND_CODES['tsg'] and ctx.needs_input_grad[2] else None)
-        _check(lib.cf_cpu_backward(kind, h.data_ptr(), ptr(grad_s), ptr(grad_h), ptr(grad_v_seq),
-                                   ptr(grad_v_last), alpha.data_ptr(), grad_x.data_ptr(),
-                                   grad_v0.data_ptr(), ptr(grad_alpha), T, N, k, c, theta_p,
-                                   theta_n, k_pos, k_neg, detach_reset, torch.get_num_threads()),
-               'backward')
-        launch_count += 1
-        return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_v0 if ctx.needs_input_grad[1] else None,
-                grad_alpha) + (None,) * 11
+def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, return_h,
+             return_v):
+    """Forward op body: one call of ``cf_cpu_forward`` on ``[T, N]`` float32 tensors."""
+    global launch_count
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"backend 'cpp' is unavailable: {_reason}")
+    T, N = x.shape
+    x = x.contiguous()
+    v0 = v0.contiguous()
+    s = torch.empty_like(x)
+    v_last = torch.empty_like(v0)
+    if return_h:  # handed to the caller: a tensor of its own
+        h = torch.empty_like(x)
+    elif save_h:  # read only by the backward pass: pooled (given back by the autograd node)
+        h = _take(T, N)
+    else:
+        h = None
+    v_seq = torch.empty_like(x) if return_v else None
+    _check(lib.cf_cpu_forward(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
+                              v_last.data_ptr(), T, N, k, c, theta_p, theta_n, k_pos, k_neg,
+                              torch.get_num_threads()), 'forward')
+    launch_count += 1
+    empty = x.new_empty((0,))
+    return s, v_last, (empty if h is None else h), (empty.clone() if v_seq is None else v_seq)
 
 
-def cf_multi_step_cpp(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
-                      decay_input: bool = False, v_threshold: float = 1.0,
-                      v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
-                      surrogate_function=None, detach_reset: bool = False, t_start: int = 0,
-                      return_h_seq: bool = False, return_v_seq: bool = False):
-    r"""Multi-step CF neuron on the compiled CPU kernel; the contract of
-    :func:`spikingjelly_cf.functional.neuron.cf_multi_step_ref` (float32 CPU tensors only).
+def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
+              k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
+    """Backward op body: one call of ``cf_cpu_backward``."""
+    global launch_count
+    lib = _load()
+    T, N = h.shape
+    f32 = torch.float32
+    h = h.contiguous()
+    alpha = alpha.contiguous()
+    grad_s, grad_h, grad_v_seq, grad_v_last = (grad_view(g, f32) for g in
+                                               (grad_s, grad_h, grad_v_seq, grad_v_last))
+    grad_x = torch.empty_like(h)
+    grad_v0 = torch.empty(N, dtype=f32)
+    grad_alpha = torch.empty(T if need_grad_alpha else 0, dtype=f32)
+    _check(lib.cf_cpu_backward(kind, h.data_ptr(), ptr(grad_s), ptr(grad_h), ptr(grad_v_seq),
+                               ptr(grad_v_last), alpha.data_ptr(), grad_x.data_ptr(),
+                               grad_v0.data_ptr(), ptr(grad_alpha if need_grad_alpha else None),
+                               T, N, k, c, theta_p, theta_n, k_pos, k_neg, int(detach_reset),
+                               torch.get_num_threads()), 'backward')
+    launch_count += 1
+    return grad_x.to(grad_dtype), grad_v0.to(grad_dtype), grad_alpha
 
-    Shape: ``x_seq`` ``[T, *]``, ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``,
-    ``h_seq`` / ``v_seq`` ``[T, *]`` or ``None``. Gradients flow to ``x_seq``, ``v`` and TSG's
-    parameter; the incoming gradients of all four outputs are used.
-    """
+
+def _check_call(x_seq) -> None:
     if not isinstance(x_seq, torch.Tensor) or x_seq.device.type != 'cpu' \
             or x_seq.dtype != torch.float32:
         raise TypeError(f"backend 'cpp' runs float32 CPU tensors, got "
                         f"{getattr(x_seq, 'dtype', type(x_seq).__name__)} on "
                         f"{getattr(x_seq, 'device', '?')}")
-    if _load() is None:
-        raise RuntimeError(f"backend 'cpp' is unavailable: {_reason}")
-    call = prepare('cpp', x_seq, v, tau, decay_input, v_threshold, v_threshold_neg, k_pos, k_neg,
-                   surrogate_function, detach_reset, t_start, v_dtype=torch.float32)
-    s, v_last, h, v_seq = CFMultiStepCPU.apply(
-        call.x, call.v0, call.alpha, call.kind, call.k, call.c, call.theta_p, call.theta_n,
-        call.k_pos, call.k_neg, call.detach_reset, bool(return_h_seq), bool(return_v_seq),
-        torch.is_grad_enabled())
-    T, tail = x_seq.shape[0], call.tail
-    return (s.view(T, *tail), v_last.view(tail), None if h is None else h.view(T, *tail),
-            None if v_seq is None else v_seq.view(T, *tail))
+
+
+#: Multi-step CF neuron on the compiled CPU kernel (float32 CPU tensors); the contract of
+#: :func:`spikingjelly_cf.backends.reference.cf_multi_step_ref`. Shape: ``x_seq`` ``[T, *]``,
+#: ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``, ``h_seq`` / ``v_seq``
+#: ``[T, *]`` or ``None``. Gradients flow to ``x_seq``, ``v`` and TSG's parameter.
+cf_multi_step_cpp = define_kernel_ops('cpp', 'cpu', _forward, _backward, recycle_h=_give,
+                                      check_call=_check_call)

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from ._common import grad_view, prepare
+from ._common import KIND_CODES, grad_view
+from ._ops import define_kernel_ops
 from .source import NVRTC_OPTIONS, cuda_source, kernel_names
 
 __all__ = ['available', 'unavailable_reason', 'cf_multi_step_cupy', 'launch_count', 'DTYPES']
@@ -128,92 +129,66 @@ def _scalars(T, N, k, c, theta_p, theta_n, k_pos, k_neg, *rest):
             np.float64(theta_n), np.int32(k_pos), np.int32(k_neg)) + tuple(map(np.int32, rest))
 
 
-class CFMultiStepCuPy(torch.autograd.Function):
-    """Fused multi-step CF neuron on contiguous ``[T, N]`` CUDA tensors (see
-    :func:`cf_multi_step_cupy`). Saves only the float32 ``h`` (and TSG's ``alpha``), and nothing
-    when no input requires a gradient."""
-
-    @staticmethod
-    def forward(ctx, x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset,
-                return_h_seq, return_v_seq, grad_enabled):
-        T, N = x.shape
-        dtype_name = DTYPES[x.dtype]
-        device = x.device
-        is_f32 = x.dtype == torch.float32
-        # needs_input_grad is True under torch.no_grad() too: ask the caller's grad mode as well
-        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
-        s = torch.empty_like(x)
-        v_last = torch.empty_like(v0)
-        h_save = (torch.empty((T, N), dtype=torch.float32, device=device)
-                  if needs_grad or (return_h_seq and is_f32) else None)
-        h_out = torch.empty_like(x) if return_h_seq and not is_f32 else None
-        v_seq = torch.empty_like(x) if return_v_seq else None
-        if N > 0:
-            forward_kernel, _ = get_kernels(device.index, dtype_name, kind)
-            _launch(forward_kernel, device, N,
-                    (x.data_ptr(), v0.data_ptr(), s.data_ptr(), _p(h_save), _p(h_out), _p(v_seq),
-                     v_last.data_ptr()) + _scalars(T, N, k, c, theta_p, theta_n, k_pos, k_neg))
-        elif T == 0:
-            v_last.copy_(v0)
-        if needs_grad:
-            ctx.save_for_backward(h_save, alpha)
-            ctx.params = (dtype_name, kind, x.dtype, k, c, theta_p, theta_n, k_pos, k_neg,
-                          int(detach_reset))
-        ctx.set_materialize_grads(False)
-        h_ret = (h_save if is_f32 else h_out) if return_h_seq else None
-        return s, v_last, h_ret, v_seq
-
-    @staticmethod
-    def backward(ctx, grad_s, grad_v_last, grad_h, grad_v_seq):
-        h_save, alpha = ctx.saved_tensors
-        dtype_name, kind, dtype, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset = ctx.params
-        T, N = h_save.shape
-        device = h_save.device
-        grad_s, grad_h, grad_v_seq, grad_v_last = (grad_view(g, dtype) for g in
-                                                   (grad_s, grad_h, grad_v_seq, grad_v_last))
-        grad_x = torch.empty((T, N), dtype=dtype, device=device)
-        grad_v0 = torch.empty(N, dtype=dtype, device=device)
-        grad_alpha = (torch.zeros(T, dtype=torch.float32, device=device)
-                      if kind == 'tsg' and ctx.needs_input_grad[2] else None)
-        if N > 0:
-            _, backward_kernel = get_kernels(device.index, dtype_name, kind)
-            _launch(backward_kernel, device, N,
-                    (h_save.data_ptr(), _p(grad_s), _p(grad_h), _p(grad_v_seq), _p(grad_v_last),
-                     alpha.data_ptr(), grad_x.data_ptr(), grad_v0.data_ptr(), _p(grad_alpha))
-                    + _scalars(T, N, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset))
-        elif T == 0:
-            grad_v0 = (grad_v_last if grad_v_last is not None
-                       else torch.zeros(N, dtype=dtype, device=device))
-        return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_v0 if ctx.needs_input_grad[1] else None,
-                grad_alpha) + (None,) * 11
+_KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 
 
-def cf_multi_step_cupy(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
-                       decay_input: bool = False, v_threshold: float = 1.0,
-                       v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
-                       surrogate_function=None, detach_reset: bool = False, t_start: int = 0,
-                       return_h_seq: bool = False, return_v_seq: bool = False):
-    r"""Multi-step CF neuron on the CuPy CUDA kernels; the contract of
-    :func:`spikingjelly_cf.functional.neuron.cf_multi_step_ref` for CUDA tensors of dtype
-    float32, float16 or bfloat16 (``v`` is cast to ``x_seq``'s dtype).
+def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, return_h,
+             return_v):
+    """Forward op body: one launch of the forward kernel on ``[T, N]`` CUDA tensors."""
+    if _load() is None:
+        raise RuntimeError(f"backend 'cupy' is unavailable: {_reason}")
+    T, N = x.shape
+    device = x.device
+    x = x.contiguous()
+    v0 = v0.contiguous()
+    s = torch.empty_like(x)
+    v_last = torch.empty_like(v0)
+    h = (torch.empty((T, N), dtype=torch.float32, device=device) if save_h or return_h
+         else x.new_empty((0,), dtype=torch.float32))
+    v_seq = torch.empty_like(x) if return_v else x.new_empty((0,))
+    if N > 0:
+        forward_kernel, _ = get_kernels(device.index, DTYPES[x.dtype], _KIND_NAMES[kind])
+        _launch(forward_kernel, device, N,
+                (x.data_ptr(), v0.data_ptr(), s.data_ptr(), _p(h if h.numel() else None), 0,
+                 _p(v_seq if return_v else None), v_last.data_ptr())
+                + _scalars(T, N, k, c, theta_p, theta_n, k_pos, k_neg))
+    return s, v_last, h, v_seq
 
-    Shape: ``x_seq`` ``[T, *]``, ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``,
-    ``h_seq`` / ``v_seq`` ``[T, *]`` or ``None``, all in ``x_seq``'s dtype.
-    """
+
+def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
+              k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
+    """Backward op body: one launch of the backward kernel."""
+    T, N = h.shape
+    device = h.device
+    h = h.contiguous()
+    alpha = alpha.contiguous()
+    grad_s, grad_h, grad_v_seq, grad_v_last = (grad_view(g, grad_dtype) for g in
+                                               (grad_s, grad_h, grad_v_seq, grad_v_last))
+    grad_x = torch.empty((T, N), dtype=grad_dtype, device=device)
+    grad_v0 = torch.empty(N, dtype=grad_dtype, device=device)
+    grad_alpha = torch.zeros(T if need_grad_alpha else 0, dtype=torch.float32, device=device)
+    if N > 0:
+        _, backward_kernel = get_kernels(device.index, DTYPES[grad_dtype], _KIND_NAMES[kind])
+        _launch(backward_kernel, device, N,
+                (h.data_ptr(), _p(grad_s), _p(grad_h), _p(grad_v_seq), _p(grad_v_last),
+                 alpha.data_ptr(), grad_x.data_ptr(), grad_v0.data_ptr(),
+                 _p(grad_alpha if need_grad_alpha else None))
+                + _scalars(T, N, k, c, theta_p, theta_n, k_pos, k_neg, int(detach_reset)))
+    return grad_x, grad_v0, grad_alpha
+
+
+def _check_call(x_seq) -> None:
     if not isinstance(x_seq, torch.Tensor) or not x_seq.is_cuda or x_seq.dtype not in DTYPES:
         raise TypeError(f"backend 'cupy' runs CUDA tensors of dtype float32, float16 or bfloat16, "
                         f"got {getattr(x_seq, 'dtype', type(x_seq).__name__)} on "
                         f"{getattr(x_seq, 'device', '?')}")
     if _load() is None:
         raise RuntimeError(f"backend 'cupy' is unavailable: {_reason}")
-    call = prepare('cupy', x_seq, v, tau, decay_input, v_threshold, v_threshold_neg, k_pos, k_neg,
-                   surrogate_function, detach_reset, t_start)
-    s, v_last, h, v_seq = CFMultiStepCuPy.apply(
-        call.x, call.v0, call.alpha, call.kind, call.k, call.c, call.theta_p, call.theta_n,
-        call.k_pos, call.k_neg, call.detach_reset, bool(return_h_seq), bool(return_v_seq),
-        torch.is_grad_enabled())
-    T, tail = x_seq.shape[0], call.tail
-    return (s.view(T, *tail), v_last.view(tail), None if h is None else h.view(T, *tail),
-            None if v_seq is None else v_seq.view(T, *tail))
 
+
+#: Multi-step CF neuron on the CuPy CUDA kernels; the contract of
+#: :func:`spikingjelly_cf.backends.reference.cf_multi_step_ref` for CUDA tensors of dtype
+#: float32, float16 or bfloat16 (``v`` is cast to ``x_seq``'s dtype). ``h_seq`` is computed in
+#: float32 and returned in ``x_seq``'s dtype.
+cf_multi_step_cupy = define_kernel_ops('cupy', 'cuda', _forward, _backward,
+                                       check_call=_check_call)

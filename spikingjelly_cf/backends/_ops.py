@@ -1,0 +1,183 @@
+r"""The fused kernels as ``torch.library`` custom ops (SPEC section 6).
+
+Every kernel backend (``'cpp'``, ``'cupy'``, ``'triton'``) registers two ops in the namespace
+``spikingjelly_cf`` through :func:`define_kernel_ops`:
+
+``cf_forward_<backend>(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset,
+save_h, return_h, return_v) -> (s, v_last, h, v_seq)``
+    ``x`` ``[T, N]`` contiguous, ``v0`` ``[N]``, ``alpha`` ``[T]`` float32 (TSG's :math:`a_t`,
+    else the constant :math:`\alpha`), ``kind`` the surrogate code of
+    :data:`._common.KIND_CODES`. ``h`` is the float32 pre-reset potential ``[T, N]`` when
+    ``save_h`` (kept for the backward pass) or ``return_h``, else an empty ``[0]`` tensor;
+    ``v_seq`` is ``[T, N]`` in ``x``'s dtype when ``return_v``, else empty.
+
+``cf_backward_<backend>(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p,
+theta_n, k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype) -> (grad_x, grad_v0,
+grad_alpha)``
+    The incoming gradients are optional (``None`` reads as zero); ``grad_alpha`` is ``[T]``
+    float32 when ``need_grad_alpha``, else empty.
+
+Each op has a fake implementation (shapes, dtypes and strides only, never a data pointer), so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see the kernel as one graph node, and the
+forward op's autograd formula (``register_autograd``) calls the backward op. No op mutates its
+inputs: the neuron's state goes in as ``v0`` and comes out as ``v_last``.
+
+The backend supplies two plain functions with the same arguments (the forward one without
+``detach_reset``, which only the backward pass reads); :func:`define_kernel_ops` returns the
+multi-step function of the contract in ``docs/architecture.md``.
+"""
+import weakref
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._common import KIND_CODES, prepare
+
+__all__ = ['NAMESPACE', 'define_kernel_ops', 'forward_op', 'backward_op']
+
+NAMESPACE = 'spikingjelly_cf'
+
+_ops = {}  # backend -> (forward op, backward op)
+
+
+def forward_op(backend: str):
+    """The registered forward op of ``backend`` (``torch.ops.spikingjelly_cf.cf_forward_<backend>``)."""
+    return _ops[backend][0]
+
+
+def backward_op(backend: str):
+    """The registered backward op of ``backend``."""
+    return _ops[backend][1]
+
+
+def _empty_like_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Autograd hands a zero-size gradient (or ``None``) for the outputs we returned empty."""
+    return None if t is None or t.numel() == 0 else t
+
+
+def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
+                      forward_impl: Callable, backward_impl: Callable,
+                      recycle_h: Optional[Callable[[Tensor], None]] = None,
+                      check_call: Optional[Callable[[Tensor], None]] = None) -> Callable:
+    """Register ``cf_forward_<backend>`` / ``cf_backward_<backend>`` and return the backend's
+    multi-step function.
+
+    Parameters
+    ----------
+    backend : str
+        Backend name, part of the op names.
+    device_types : str or sequence of str
+        Device types the implementations run on (``'cpu'``, ``'cuda'``).
+    forward_impl, backward_impl : callable
+        The kernels, with the op arguments described in the module docstring
+        (``forward_impl`` without ``detach_reset``).
+    recycle_h : callable, optional
+        Called with the saved ``h`` once the autograd node that saved it is freed, in eager
+        mode only and only when ``h`` was not handed to the caller (the CPU backend pools it).
+    check_call : callable, optional
+        Called with ``x_seq`` before anything else; raises ``TypeError`` for tensors the
+        backend cannot run.
+    """
+    ns = f'{NAMESPACE}::'
+
+    @torch.library.custom_op(f'{ns}cf_forward_{backend}', mutates_args=(),
+                             device_types=device_types)
+    def cf_forward(x: Tensor, v0: Tensor, alpha: Tensor, kind: int, k: float, c: float,
+                   theta_p: float, theta_n: float, k_pos: int, k_neg: int, detach_reset: bool,
+                   save_h: bool, return_h: bool, return_v: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return forward_impl(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h,
+                            return_h, return_v)
+
+    @cf_forward.register_fake
+    def _(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, save_h,
+          return_h, return_v):
+        T, N = x.shape
+        h = (x.new_empty((T, N), dtype=torch.float32) if save_h or return_h
+             else x.new_empty((0,), dtype=torch.float32))
+        v_seq = x.new_empty((T, N)) if return_v else x.new_empty((0,))
+        return x.new_empty((T, N)), x.new_empty((N,)), h, v_seq
+
+    @torch.library.custom_op(f'{ns}cf_backward_{backend}', mutates_args=(),
+                             device_types=device_types)
+    def cf_backward(h: Tensor, alpha: Tensor, grad_s: Optional[Tensor],
+                    grad_h: Optional[Tensor], grad_v_seq: Optional[Tensor],
+                    grad_v_last: Optional[Tensor], kind: int, k: float, c: float,
+                    theta_p: float, theta_n: float, k_pos: int, k_neg: int, detach_reset: bool,
+                    need_grad_alpha: bool, grad_dtype: torch.dtype
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return backward_impl(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c,
+                             theta_p, theta_n, k_pos, k_neg, detach_reset, need_grad_alpha,
+                             grad_dtype)
+
+    @cf_backward.register_fake
+    def _(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
+          k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
+        T, N = h.shape
+        grad_alpha = (alpha.new_empty((T,), dtype=torch.float32) if need_grad_alpha
+                      else alpha.new_empty((0,), dtype=torch.float32))
+        return (h.new_empty((T, N), dtype=grad_dtype), h.new_empty((N,), dtype=grad_dtype),
+                grad_alpha)
+
+    def setup_context(ctx, inputs, output):
+        (x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, save_h,
+         return_h, return_v) = inputs
+        h = output[2]
+        ctx.save_for_backward(h, alpha)
+        ctx.params = (kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, x.dtype)
+        ctx.set_materialize_grads(False)
+        # Pooled buffers go back only in eager mode: under tracing h is a fake tensor.
+        if (recycle_h is not None and save_h and not return_h and type(h) is Tensor
+                and not torch.compiler.is_compiling()):
+            weakref.finalize(ctx, recycle_h, h.detach())  # no grad_fn: no cycle via ctx
+
+    def backward(ctx, grad_s, grad_v_last, grad_h, grad_v_seq):
+        h, alpha = ctx.saved_tensors
+        kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, dtype = ctx.params
+        if h.numel() == 0 and h.dim() == 1:
+            raise RuntimeError(f'spikingjelly_cf::cf_forward_{backend}: backward through a call '
+                               f'that saved nothing (it ran with save_h=False)')
+        need_grad_alpha = kind == KIND_CODES['tsg'] and ctx.needs_input_grad[2]
+        grad_x, grad_v0, grad_alpha = cf_backward(
+            h, alpha, _empty_like_none(grad_s), _empty_like_none(grad_h),
+            _empty_like_none(grad_v_seq), _empty_like_none(grad_v_last), kind, k, c, theta_p,
+            theta_n, k_pos, k_neg, detach_reset, need_grad_alpha, dtype)
+        return ((grad_x if ctx.needs_input_grad[0] else None),
+                (grad_v0 if ctx.needs_input_grad[1] else None),
+                (grad_alpha if need_grad_alpha else None)) + (None,) * 11
+
+    cf_forward.register_autograd(backward, setup_context=setup_context)
+    _ops[backend] = (cf_forward, cf_backward)
+
+    def cf_multi_step(x_seq: Tensor, v: Tensor, tau: float = 4 / 3, decay_input: bool = False,
+                      v_threshold: float = 1.0, v_threshold_neg: Optional[float] = None,
+                      k_pos: int = 2, k_neg: int = 2, surrogate_function=None,
+                      detach_reset: bool = False, t_start: int = 0, return_h_seq: bool = False,
+                      return_v_seq: bool = False):
+        if check_call is not None:
+            check_call(x_seq)
+        call = prepare(backend, x_seq, v, tau, decay_input, v_threshold, v_threshold_neg, k_pos,
+                       k_neg, surrogate_function, detach_reset, t_start)
+        save_h = torch.is_grad_enabled() and (call.x.requires_grad or call.v0.requires_grad
+                                              or call.alpha.requires_grad)
+        s, v_last, h, v_seq = cf_forward(
+            call.x, call.v0, call.alpha, KIND_CODES[call.kind], call.k, call.c, call.theta_p,
+            call.theta_n, call.k_pos, call.k_neg, call.detach_reset, save_h,
+            bool(return_h_seq), bool(return_v_seq))
+        T, tail = x_seq.shape[0], call.tail
+        h_seq = v_seq_out = None
+        if return_h_seq:
+            h_seq = h.view(T, *tail)
+            if h_seq.dtype != x_seq.dtype:
+                h_seq = h_seq.to(x_seq.dtype)
+        if return_v_seq:
+            v_seq_out = v_seq.view(T, *tail)
+        return s.view(T, *tail), v_last.view(tail), h_seq, v_seq_out
+
+    cf_multi_step.__name__ = cf_multi_step.__qualname__ = f'cf_multi_step_{backend}'
+    cf_multi_step.__doc__ = (
+        f'Multi-step CF neuron on the ``{backend!r}`` kernel ops '
+        f'(``torch.ops.{NAMESPACE}.cf_forward_{backend}`` / ``cf_backward_{backend}``); the '
+        f'contract of :func:`spikingjelly_cf.backends.reference.cf_multi_step_ref`.')
+    return cf_multi_step
