@@ -79,10 +79,11 @@ KS = [(2, 2), (1, 0), (5, 3), (15, 15)]  # fixed-K kernels and the any-K path, u
 
 @pytest.mark.parametrize('k_pos,k_neg', KS)
 @pytest.mark.parametrize('detach_reset', [False, True])
-def test_rect_lean_bit_identical(k_pos, k_neg, detach_reset):
+@pytest.mark.parametrize('theta_n', [None, -0.7])  # asymmetric: positive and negative sides differ
+def test_rect_lean_bit_identical(k_pos, k_neg, detach_reset, theta_n):
     T, N = 7, 301  # odd N: a ragged last block
     x, grad = inputs(T, N)
-    kw = dict(k_pos=k_pos, k_neg=k_neg, detach_reset=detach_reset)
+    kw = dict(k_pos=k_pos, k_neg=k_neg, detach_reset=detach_reset, v_threshold_neg=theta_n)
     normal, bytes_normal = run('normal', CFRect(), x, grad, **kw)
     lean, bytes_lean = run('lean', CFRect(), x, grad, **kw)
     for a, b in zip(normal[:4], lean[:4]):
