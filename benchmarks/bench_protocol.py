@@ -71,7 +71,8 @@ LIF_PARAMETERS = {
                       'Sigmoid(alpha=4)); input not scaled by 1/tau (absorbed by the Linear), '
                       'reset applied one step later (snnTorch\'s reset_delay=True)',
     'Norse LIFBoxCell': 'LIFBoxParameters(tau_mem_inv=500, v_th=1, v_reset=0, v_leak=0), dt=1e-3: '
-                        'v + dt*tau_mem_inv*(x - v) = v + (x - v)/2, SpikingJelly\'s charge exactly; '
+                        'v + dt*tau_mem_inv*(x - v) = v + (x - v)/2, SpikingJelly\'s charge '
+                        'exactly; '
                         'surrogate method="super" (SuperSpike, alpha=100, Norse\'s default; Norse '
                         'has no sigmoid surrogate)',
     'Norse LIF': 'LIFParameters(tau_mem_inv=500, tau_syn_inv=1000, v_th=1, v_reset=0), dt=1e-3: '
@@ -343,7 +344,8 @@ def build_candidates(device: torch.device, only: Optional[List[str]] = None) -> 
                                  v_th=torch.tensor(1.0), v_reset=torch.tensor(0.0),
                                  v_leak=torch.tensor(0.0))
             return NorseSequence(nt.LIF(p, dt=1e-3))
-        out.append(Candidate(f'Norse LIFBoxCell ({nv})', 'peer', box_factory, backend='python loop'))
+        out.append(Candidate(f'Norse LIFBoxCell ({nv})', 'peer', box_factory,
+                             backend='python loop'))
         out.append(Candidate(f'Norse LIF ({nv})', 'peer', lif_factory, backend='norse.torch.LIF'))
         found.append(f'norse {nv}')
     except Exception as exc:  # noqa: BLE001
@@ -524,7 +526,8 @@ def run_protocol(cfg: Config, cands: List[Candidate]) -> List[dict]:
                 del net
             except Exception as exc:  # noqa: BLE001 - reported, never dropped
                 traceback.print_exc()
-                row.update(status='error', reason=f'{type(exc).__name__}: {exc}'.splitlines()[0][:300])
+                row.update(status='error',
+                           reason=f'{type(exc).__name__}: {exc}'.splitlines()[0][:300])
             rows.append(row)
     return rows
 
@@ -620,11 +623,13 @@ def evaluate_targets(cfg: Config, rows: List[dict], per_step: List[dict]) -> Lis
             neuron_ratio = None
             if cf and lin is not None and best['time_s']['median'] > lin:
                 neuron_ratio = (cf - lin) / (best['time_s']['median'] - lin)
-            out.append(dict(target=f'CF default TSG / fastest {best["candidate"]} <= {TARGET_VS_LIF}',
+            out.append(dict(target=f'CF default TSG / fastest {best["candidate"]} <= '
+                                   f'{TARGET_VS_LIF}',
                             n=n, T=cfg.T, measured=ratio, neuron_only_ratio=neuron_ratio,
                             passed=None if ratio is None or cfg.T != TARGET_T or n not in TARGET_NS
                             else ratio <= TARGET_VS_LIF))
-        peers = [r for r in rows if r['n'] == n and r['family'] == 'peer' and r.get('status') == 'ok']
+        peers = [r for r in rows
+                 if r['n'] == n and r['family'] == 'peer' and r.get('status') == 'ok']
         if peers:
             best = min(peers, key=lambda r: r['time_s']['median'])
             ratio = cf / best['time_s']['median'] if cf else None
@@ -828,7 +833,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         ns, T, long_Ts, long_n = args.n or [32], min(args.T, 12), args.long_T or [4, 8], 32
-        batch, repeats, warmup, long_n_ref, per_step_T = 2, 2, 1, 16, 8
+        batch, repeats, warmup, long_n_ref, per_step_T = 2, 3, 1, 16, 8
     else:
         ns = args.n or ([512, 4096, 16384] if device.type == 'cuda' else [512, 4096])
         T, long_Ts, long_n = args.T, args.long_T or [8, 64, 500], args.long_n
@@ -836,7 +841,8 @@ def main(argv=None) -> int:
         long_n_ref, per_step_T = args.long_n_reference, args.per_step_T
     cfg = Config(device=device, ns=ns, T=T, batch=batch, long_Ts=[] if args.no_long_T else long_Ts,
                  long_n=long_n, long_n_reference=long_n_ref, per_step_T=per_step_T,
-                 slow_s=args.slow_s, long_backends=args.long_backends, warmup=warmup, repeats=repeats, max_call_s=args.max_call_s,
+                 slow_s=args.slow_s, long_backends=args.long_backends, warmup=warmup,
+                 repeats=repeats, max_call_s=args.max_call_s,
                  quick=args.quick, only=args.only)
     meta = common.environment(device)
     tag = args.tag or f'sj{meta["spikingjelly"]}'

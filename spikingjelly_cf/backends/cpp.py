@@ -196,7 +196,8 @@ def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, the
     code = h if h.dtype == torch.uint8 else None
     h16 = h if h.dtype == torch.float16 else None
     if h32 is None and code is None and h16 is None:
-        raise TypeError(f'cf_backward_cpp: saved h must be float32, uint8 or float16, got {h.dtype}')
+        raise TypeError(f'cf_backward_cpp: saved h must be float32, uint8 or float16, got '
+                        f'{h.dtype}')
     if code is not None and kind != KIND_CODES['rect']:
         raise ValueError('cf_backward_cpp: uint8 window codes are CFRect-only')
     grad_x = torch.empty(T, N, dtype=f32)
