@@ -210,16 +210,18 @@ class Looped(nn.Module):
         self.cell, self.kind = cell, kind
 
     def forward(self, x):
+        # x.unbind(0), not x[t]: the backward of T selections would build T full-size
+        # gradients of x (O(T^2) memory traffic, about 10x the whole step at T = 500)
         out = []
         if self.kind == 'snntorch':
             mem = self.cell.init_leaky()
-            for t in range(x.shape[0]):
-                spk, mem = self.cell(x[t], mem)
+            for xt in x.unbind(0):
+                spk, mem = self.cell(xt, mem)
                 out.append(spk)
         else:  # norse cell: (input, state) -> (z, state)
             state = None
-            for t in range(x.shape[0]):
-                z, state = self.cell(x[t], state)
+            for xt in x.unbind(0):
+                z, state = self.cell(xt, state)
                 out.append(z)
         return torch.stack(out)
 
