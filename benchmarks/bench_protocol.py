@@ -550,9 +550,9 @@ def neuron_saved_bytes(cands: List[Candidate], cfg: Config, T: int, n: int) -> L
                 out = layer(xg)
             out.backward(grad)
             reset_layer(layer)
-            # storages of at least T*N bytes scale with neurons x steps; smaller ones are
-            # per-layer ([T] alpha, TSG's own tensors)
-            big = sum(b for b in sb.storages.values() if b >= T * N)
+            # storages of at least N bytes scale with the neurons (one [T, N] tensor or T
+            # per-step [N] ones); smaller ones are per layer ([T] alpha, TSG's own tensors)
+            big = sum(b for b in sb.storages.values() if b >= N)
             rows.append(dict(candidate=c.name, family=c.family, backend=c.backend,
                              surrogate=c.surrogate, memory_mode=c.memory_mode, T=T, N=N,
                              saved_bytes=sb.bytes, saved_storages=len(sb.storages),
@@ -560,8 +560,8 @@ def neuron_saved_bytes(cands: List[Candidate], cfg: Config, T: int, n: int) -> L
                              neuron_step_bytes_per_neuron_step=big / (T * N),
                              per_layer_bytes=sb.bytes - big))
             print(f'[saved by the neuron alone T={T} N={N}] {c.name:<42} '
-                  f'{sb.bytes / (T * N):6.3f} B per neuron-step ({big / (T * N):.3f} in [T, N] '
-                  f'tensors, {len(sb.storages)} storages)', flush=True)
+                  f'{sb.bytes / (T * N):6.3f} B per neuron-step ({big / (T * N):.3f} in '
+                  f'neuron-sized tensors, {len(sb.storages)} storages)', flush=True)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             rows.append(dict(candidate=c.name, family=c.family, status='error', T=T, N=N,
@@ -648,7 +648,7 @@ def evaluate_targets(cfg: Config, rows: List[dict], per_step: List[dict]) -> Lis
         key = 'neuron_step_bytes_per_neuron_step'
         worst = max(lean, key=lambda r: r[key])
         out.append(dict(target=f'lean mode saves <= {TARGET_LEAN_BYTES} B per neuron-step in '
-                               f'[T, N] tensors (worst: {worst["candidate"]}; plus '
+                               f'neuron-sized tensors (worst: {worst["candidate"]}; plus '
                                f'{worst["per_layer_bytes"]} B per layer and call)',
                         n=None, T=worst['T'], measured=worst[key],
                         passed=worst[key] <= TARGET_LEAN_BYTES))
@@ -695,7 +695,7 @@ def markdown_report(p: dict) -> str:
     lines += ['## Protocol', '', common.markdown_table(header, rows), '']
     lines += ['## Saved bytes per neuron-step (the neuron layer alone)', '',
               common.markdown_table(['candidate', 'T', 'N', 'saved', 'B per neuron-step',
-                                     'of which [T, N] tensors', 'per-layer bytes',
+                                     'of which neuron-sized tensors', 'per-layer bytes',
                                      'storages'],
                                     [[r['candidate'], r['T'], r['N'],
                                       common.fmt_bytes(r.get('saved_bytes')),
