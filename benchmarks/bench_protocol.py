@@ -238,8 +238,12 @@ class NorseSequence(nn.Module):
 
 
 def reset_layer(layer: nn.Module) -> None:
-    from spikingjelly.activation_based import functional
-    functional.reset_net(layer)
+    """Reset SpikingJelly memory modules only: 0.0.0.0.14's ``reset_net`` calls ``m.reset()`` on
+    any module with a ``reset`` attribute, which in snnTorch's ``Leaky`` is a tensor."""
+    from spikingjelly.activation_based import base
+    for m in layer.modules():
+        if isinstance(m, base.MemoryModule):
+            m.reset()
 
 
 def cf_supports_memory(backend: Optional[str] = None) -> bool:
