@@ -130,6 +130,9 @@ class CFNode(sj_neuron.BaseNode):
         self.backend = backend
         self.store_h_seq = store_h_seq
         self.memory = memory
+        # Steps seen since the last reset: the int 0 after a reset, then a 0-d int64 CPU
+        # tensor, so that torch.compile traces one graph for every later step instead of
+        # specialising on an integer attribute (TSG reads a_t at this index).
         self.register_memory('step_count', 0)
 
     # -- construction helpers ------------------------------------------------------------------
@@ -228,7 +231,10 @@ class CFNode(sj_neuron.BaseNode):
             return_h_seq=self.store_h_seq, return_v_seq=self.store_v_seq, backend=self.backend,
             memory=self.memory)
         self.v = v
-        self.step_count = self.step_count + x_seq.shape[0]
+        count = self.step_count  # 0 after a reset, then a 0-d int64 CPU tensor (see __init__)
+        if not isinstance(count, torch.Tensor):
+            count = torch.tensor(count, dtype=torch.int64)
+        self.step_count = count + x_seq.shape[0]
         if self.store_h_seq:
             self.__dict__['h_seq'] = h_seq
         return s_seq, v_seq

@@ -191,24 +191,41 @@ class TSG(nn.Module):
         """All :math:`a_t`, shape ``[T]``, differentiable with respect to ``p``."""
         return (self.alpha_max - self.alpha_min) * torch.sigmoid(self.p) + self.alpha_min
 
-    def alpha_steps(self, t_start: int, steps: int) -> torch.Tensor:
+    def _too_long(self, t_start, steps: int) -> str:
+        return (f'TSG has T={self.T} learnable time steps but the sequence needs steps '
+                f'{t_start}..{t_start + steps - 1} (length {t_start + steps}); call '
+                f'spikingjelly.activation_based.functional.reset_net(net) between samples, or '
+                f'build TSG(T={t_start + steps}).')
+
+    def alpha_steps(self, t_start: Union[int, torch.Tensor], steps: int) -> torch.Tensor:
         r"""The :math:`a_t` of steps ``t_start .. t_start + steps - 1``, shape ``[steps]``.
 
-        Raises ``ValueError`` when the steps run past ``T`` (for ``T > 1``).
+        ``t_start`` is an ``int`` or a 0-d integer tensor (the step counter of a
+        :class:`~spikingjelly_cf.CFNode` after its first step, so that ``torch.compile`` does
+        not specialise on it). Raises ``ValueError`` when the steps run past ``T`` (for
+        ``T > 1``); inside a compiled graph the same check is a runtime assertion.
         """
         a = self.alpha()
         if self.T == 1:
             return a.expand(steps)
-        if t_start + steps > self.T:
-            raise ValueError(
-                f'TSG has T={self.T} learnable time steps but the sequence needs steps '
-                f'{t_start}..{t_start + steps - 1} (length {t_start + steps}); call '
-                f'spikingjelly.activation_based.functional.reset_net(net) between samples, or '
-                f'build TSG(T={t_start + steps}).')
-        return a[t_start:t_start + steps]
+        if not isinstance(t_start, torch.Tensor):
+            if t_start + steps > self.T:
+                raise ValueError(self._too_long(t_start, steps))
+            return a[t_start:t_start + steps]
+        if torch.compiler.is_compiling():
+            torch._assert_async(t_start + steps <= self.T,
+                                f'TSG has T={self.T} learnable time steps but the sequence runs '
+                                f'past them; call functional.reset_net(net) between samples')
+        elif int(t_start) + steps > self.T:
+            raise ValueError(self._too_long(int(t_start), steps))
+        # one-hot selection: works with a CPU step counter for parameters on any device
+        idx = torch.arange(steps, device=a.device) + t_start
+        mask = torch.arange(self.T, device=a.device)[None, :] == idx[:, None]
+        return (mask.to(a.dtype) * a).sum(1)
 
-    def forward(self, x: torch.Tensor, theta: float = 1.0, t: Optional[int] = 0) -> torch.Tensor:
-        a = self.alpha_steps(0 if t is None else int(t), 1)[0].to(x.dtype)
+    def forward(self, x: torch.Tensor, theta: float = 1.0,
+                t: Union[int, torch.Tensor, None] = 0) -> torch.Tensor:
+        a = self.alpha_steps(0 if t is None else t, 1)[0].to(x.dtype)
         phi = _triangle_primitive(x, a)
         if not self.spiking:
             return phi

@@ -30,6 +30,10 @@ AUTO_ORDER = {
 
 _MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy'}
 
+from .reference import cf_multi_step_ref  # noqa: E402  (the reference is always loaded)
+
+_functions = {'torch': cf_multi_step_ref}  # backend name -> multi-step function, once imported
+
 
 def module(name: str):
     """The backend module of ``name`` (``'torch'`` is :mod:`.reference`)."""
@@ -38,17 +42,29 @@ def module(name: str):
     return importlib.import_module(f'{__name__}.{_MODULES[name]}')
 
 
+def _function(name: str) -> Callable:
+    fn = _functions.get(name)
+    if fn is None:
+        fn = getattr(module(name), f'cf_multi_step_{name}')
+        _functions[name] = fn
+    return fn
+
+
 @torch.compiler.assume_constant_result
 def is_available(name: str) -> bool:
-    """Whether backend ``name`` can run here (a constant for ``torch.compile``: the answer is
-    found once, outside the traced graph)."""
-    return bool(module(name).available())
+    """Whether backend ``name`` can run here. A constant for ``torch.compile``: it runs once,
+    outside the traced graph, and also imports the backend so that :func:`get` finds it."""
+    ok = bool(module(name).available())
+    if ok:
+        _function(name)
+    return ok
 
 
 def get(name: str) -> Callable:
-    """The multi-step function of backend ``name``."""
-    fn = 'cf_multi_step_ref' if name == 'torch' else f'cf_multi_step_{name}'
-    return getattr(module(name), fn)
+    """The multi-step function of backend ``name`` (a dictionary lookup once the backend has
+    been imported, e.g. by :func:`is_available`, so ``torch.compile`` traces it)."""
+    fn = _functions.get(name)
+    return fn if fn is not None else _function(name)
 
 
 def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
