@@ -109,6 +109,18 @@ else
   log "benchmarks/bench_neuron.py not found: skipped"
 fi
 
+# 4b. issue 11: the open-neuromorphic protocol (Linear(n, n) + neuron, batch 16, T = 500,
+#     n = 512 / 4096 / 16384) on CUDA, if present and time is left; writes protocol_sj*.{json,md,png}
+ELAPSED=$(( $(date +%s) - START ))
+LEFT=$(( 470 - ELAPSED ))
+if [ -f benchmarks/bench_protocol.py ] && [ "$LEFT" -gt 30 ]; then
+  log "bench_protocol.py --device cuda (limit ${LEFT}s)"
+  run "$LEFT" "$PY" benchmarks/bench_protocol.py --device cuda --no-long-T --max-call-s 20 \
+    --out "$ROOT/benchmarks/results" || log "bench_protocol.py exit code $?"
+else
+  log "skipping bench_protocol.py (missing, or only ${LEFT}s left)"
+fi
+
 # 5. summary JSON
 TOTAL=$(( $(date +%s) - START ))
 "$PY" - "$OUT" "$INSTALL_RC" "$PYTEST_RC" "$KBENCH_RC" "$BENCH_RC" "$TOTAL" <<'EOF' 2>&1 | tee -a "$LOG"

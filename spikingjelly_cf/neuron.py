@@ -8,6 +8,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import neuron as sj_neuron
 
 from . import _compat, _recompute
+from .backends._ops import MEMORY_MODES
 from .functional.neuron import BACKENDS, cf_multi_step, check_cf_parameters
 from .surrogate import CFRect
 
@@ -76,6 +77,13 @@ class CFNode(sj_neuron.BaseNode):
     v_reset : None
         Accepted for SpikingJelly compatibility; CF always soft-resets, anything but ``None``
         is an error.
+    memory : str
+        What the backward pass keeps per neuron and step. ``'normal'``: the float32 pre-reset
+        potential (4 bytes). ``'lean'``: at most 2 bytes; CFRect keeps one ``uint8`` code of
+        which level windows :math:`h` fell in (gradients bit-identical to ``'normal'``), TSG,
+        Sigmoid and ATan keep :math:`h` as ``float16`` (gradients change by the rounding of
+        :math:`h`). Implemented by the ``'cpp'`` backend; elsewhere it runs as ``'normal'``
+        with a one-time warning. ``store_h_seq=True`` keeps the float32 :math:`h` anyway.
 
     Shape
     -----
@@ -95,7 +103,8 @@ class CFNode(sj_neuron.BaseNode):
                  v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
                  surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
                  step_mode: str = 's', backend: str = 'auto', store_v_seq: bool = False,
-                 store_h_seq: bool = False, v_reset: Optional[float] = None):
+                 store_h_seq: bool = False, v_reset: Optional[float] = None,
+                 memory: str = 'normal'):
         if v_reset is not None:
             raise ValueError(f'v_reset must be None: the CF neuron always soft-resets '
                              f'(Eq. 10), got v_reset={v_reset!r}')
@@ -108,6 +117,8 @@ class CFNode(sj_neuron.BaseNode):
                             f'SpikingJelly surrogate), got {surrogate_function!r}')
         if step_mode not in ('s', 'm'):
             raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f'memory must be one of {MEMORY_MODES}, got {memory!r}')
         super().__init__(v_threshold=p['v_threshold'], v_reset=None,
                          surrogate_function=surrogate_function, detach_reset=detach_reset,
                          step_mode=step_mode, store_v_seq=store_v_seq)
@@ -118,6 +129,7 @@ class CFNode(sj_neuron.BaseNode):
         self.k_neg = p['k_neg']
         self.backend = backend
         self.store_h_seq = store_h_seq
+        self.memory = memory
         # Steps seen since the last reset: the int 0 after a reset, then a 0-d int64 CPU
         # tensor, so that torch.compile traces one graph for every later step instead of
         # specialising on an integer attribute (TSG reads a_t at this index).
@@ -191,7 +203,8 @@ class CFNode(sj_neuron.BaseNode):
         return (f'tau={self.tau}, decay_input={self.decay_input}, v_threshold={self.v_threshold}, '
                 f'v_threshold_neg={self.v_threshold_neg}, k_pos={self.k_pos}, k_neg={self.k_neg}, '
                 f'detach_reset={self.detach_reset}, step_mode={self.step_mode}, '
-                f'backend={self.backend}')
+                f'backend={self.backend}' + (f', memory={self.memory!r}'
+                                             if self.memory != 'normal' else ''))
 
     # -- forward ----------------------------------------------------------------------------------
     def _parameters_dict(self) -> dict:
@@ -230,7 +243,8 @@ class CFNode(sj_neuron.BaseNode):
             t_start, replay = _recompute.before_run(self, v, t_start)
         s_seq, v, h_seq, v_seq = cf_multi_step(
             x_seq, v, **self._parameters_dict(), t_start=t_start,
-            return_h_seq=self.store_h_seq, return_v_seq=self.store_v_seq, backend=self.backend)
+            return_h_seq=self.store_h_seq, return_v_seq=self.store_v_seq, backend=self.backend,
+            memory=self.memory)
         if replay:  # the first run already committed the state
             return s_seq, None
         self.v = v
@@ -267,7 +281,7 @@ class CFNode(sj_neuron.BaseNode):
         if isinstance(v, float):
             v = torch.full_like(x, v)
         s_seq, v, _, _ = cf_multi_step(x.unsqueeze(0), v, **self._parameters_dict(),
-                                       t_start=count, backend=self.backend)
+                                       t_start=count, backend=self.backend, memory=self.memory)
         return (s_seq[0],), (v, count + 1)
 
 

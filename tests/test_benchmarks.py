@@ -225,3 +225,41 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
         check = subprocess.run(['bash', '-n', os.path.join(BENCH, 'gpu_check.sh')],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
+
+
+# -- bench_protocol.py (issue 11) ---------------------------------------------------------------
+@pytest.fixture(scope='module')
+def protocol_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('bench_protocol'))
+    proc = _run_quick('bench_protocol.py', out)
+    payload, markdown = _outputs(out, 'protocol')
+    return proc, payload, markdown
+
+
+def test_protocol_quick(protocol_run):
+    _, payload, markdown = protocol_run
+    _check_meta(payload['environment'])
+    assert payload['checks'] and all(c['passed'] for c in payload['checks'])
+    rows = payload['protocol']
+    for r in rows:  # every candidate ran or says why not
+        assert r['status'] == 'ok' or r.get('reason'), r
+    ok = {r['candidate']: r for r in rows if r['status'] == 'ok'}
+    assert any(r['family'] == 'CF' and r['default'] for r in ok.values())
+    assert any(r['family'] == 'LIF' for r in ok.values())
+    for r in ok.values():
+        assert _positive(r['time_s']['median']) and _positive(r['saved_bytes']), r
+    per_step = {r['candidate']: r for r in payload['per_step'] if 'bytes_per_neuron_step' in r}
+    if 'CFNode[cpp] CFRect' not in per_step:
+        pytest.skip('the cpp backend is not built')
+    # the fused kernel saves float32 h (4 B) per neuron-step; lean at most 2 B
+    assert per_step['CFNode[cpp] CFRect']['neuron_step_bytes_per_neuron_step'] == 4.0
+    assert per_step['CFNode[cpp] CFRect lean']['neuron_step_bytes_per_neuron_step'] == 1.0
+    assert per_step['CFNode[cpp] TSG(T=T) lean']['neuron_step_bytes_per_neuron_step'] == 2.0
+    long_rows = [r for r in payload['long_T'] if r['status'] == 'ok']
+    assert {r['tsg'] for r in long_rows} == {'TSG(T=T)', 'TSG(T=1)'}
+    for r in long_rows:  # saved bytes grow with T
+        twice = [q for q in long_rows if q['candidate'] == r['candidate']
+                 and q['memory_mode'] == r['memory_mode'] and q['T'] == 2 * r['T']]
+        for q in twice:  # (the Linear's weight is a constant part)
+            assert q['saved_bytes'] > r['saved_bytes']
+    assert 'Saved bytes per neuron-step' in markdown and 'peers found' in markdown

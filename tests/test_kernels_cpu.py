@@ -223,7 +223,8 @@ def test_pooled_h_buffer_is_safe_with_retain_graph():
                                     backend='cpp')
         s2.sum().backward()
         del s2
-    assert cpp._pool.get(4 * 101), 'freed graphs give their h buffer back to the pool'
+    assert cpp._pool.get((4 * 101, torch.float32)), \
+        'freed graphs give their h buffer back to the pool'
     g2 = torch.autograd.grad((s * upstream).sum(), x)[0]
     assert g1.abs().sum() > 0
     assert torch.equal(g1, g2)

@@ -4,12 +4,16 @@ Every kernel backend (``'cpp'``, ``'cupy'``, ``'triton'``) registers two ops in 
 ``spikingjelly_cf`` through :func:`define_kernel_ops`:
 
 ``cf_forward_<backend>(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset,
-save_h, return_h, return_v) -> (s, v_last, h, v_seq)``
+save_h, return_h, return_v, lean=False) -> (s, v_last, h, v_seq)``
     ``x`` ``[T, N]`` contiguous, ``v0`` ``[N]``, ``alpha`` ``[T]`` float32 (TSG's :math:`a_t`,
     else the constant :math:`\alpha`), ``kind`` the surrogate code of
     :data:`._common.KIND_CODES`. ``h`` is the float32 pre-reset potential ``[T, N]`` when
     ``save_h`` (kept for the backward pass) or ``return_h``, else an empty ``[0]`` tensor;
-    ``v_seq`` is ``[T, N]`` in ``x``'s dtype when ``return_v``, else empty.
+    ``v_seq`` is ``[T, N]`` in ``x``'s dtype when ``return_v``, else empty. With ``lean``
+    (memory-lean mode; only when ``save_h`` and not ``return_h``, and only for backends
+    registered with ``supports_lean``) the saved ``h`` is smaller: ``uint8`` window codes for
+    CFRect (``kind`` 0), ``float16`` for the other surrogates; the backward op reads the form
+    from the dtype of the ``h`` it receives.
 
 ``cf_backward_<backend>(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p,
 theta_n, k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype) -> (grad_x, grad_v0,
@@ -34,7 +38,8 @@ from torch import Tensor
 
 from ._common import KIND_CODES, prepare
 
-__all__ = ['NAMESPACE', 'define_kernel_ops', 'forward_op', 'backward_op']
+__all__ = ['NAMESPACE', 'MEMORY_MODES', 'define_kernel_ops', 'forward_op', 'backward_op',
+           'lean_dtype']
 
 
 def _saved_tensors_hooked() -> bool:
@@ -66,6 +71,31 @@ def backward_op(backend: str):
     return _ops[backend][1]
 
 
+#: ``memory`` of the multi-step functions: ``'normal'`` saves float32 ``h`` for the backward
+#: pass, ``'lean'`` at most 2 bytes per neuron-step (see :func:`lean_dtype`).
+MEMORY_MODES = ('normal', 'lean')
+
+#: Largest K_P / K_N of memory-lean CFRect (window counts in 4 bits; ``CF_LEAN_MAX_K``).
+LEAN_MAX_K = 15
+
+
+def lean_dtype(kind: int) -> torch.dtype:
+    """What memory-lean mode saves per neuron-step: ``uint8`` window codes for CFRect (which
+    only needs which level windows ``h`` fell in; gradients bit-identical), ``float16`` ``h``
+    for TSG, Sigmoid and ATan (which need ``h`` itself)."""
+    if isinstance(kind, str):
+        kind = KIND_CODES[kind]
+    return torch.uint8 if kind == KIND_CODES['rect'] else torch.float16
+
+
+def check_lean(kind: str, k_pos: int, k_neg: int) -> None:
+    """``ValueError`` when memory-lean CFRect cannot encode the window counts (K > 15)."""
+    if kind == 'rect' and (k_pos > LEAN_MAX_K or k_neg > LEAN_MAX_K):
+        raise ValueError(f"memory='lean' with CFRect stores the window counts in 4 bits: k_pos "
+                         f"and k_neg must be <= {LEAN_MAX_K}, got k_pos={k_pos}, k_neg={k_neg}; "
+                         f"use memory='normal'")
+
+
 def _empty_like_none(t: Optional[Tensor]) -> Optional[Tensor]:
     """Autograd hands a zero-size gradient (or ``None``) for the outputs we returned empty."""
     return None if t is None or t.numel() == 0 else t
@@ -74,7 +104,8 @@ def _empty_like_none(t: Optional[Tensor]) -> Optional[Tensor]:
 def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
                       forward_impl: Callable, backward_impl: Callable,
                       recycle_h: Optional[Callable[[Tensor], None]] = None,
-                      check_call: Optional[Callable[[Tensor], None]] = None) -> Callable:
+                      check_call: Optional[Callable[[Tensor], None]] = None,
+                      supports_lean: bool = False) -> Callable:
     """Register ``cf_forward_<backend>`` / ``cf_backward_<backend>`` and return the backend's
     multi-step function.
 
@@ -93,6 +124,10 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
     check_call : callable, optional
         Called with ``x_seq`` before anything else; raises ``TypeError`` for tensors the
         backend cannot run.
+    supports_lean : bool
+        The backend implements memory-lean saving: ``forward_impl`` takes the keyword ``lean``
+        and ``backward_impl`` accepts ``h`` as ``uint8`` window codes (CFRect) or ``float16``.
+        Without it, ``memory='lean'`` runs in normal mode (the dispatcher warns).
     """
     ns = f'{NAMESPACE}::'
 
@@ -100,17 +135,23 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
                              device_types=device_types)
     def cf_forward(x: Tensor, v0: Tensor, alpha: Tensor, kind: int, k: float, c: float,
                    theta_p: float, theta_n: float, k_pos: int, k_neg: int, detach_reset: bool,
-                   save_h: bool, return_h: bool, return_v: bool
+                   save_h: bool, return_h: bool, return_v: bool, lean: bool = False
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        if supports_lean:
+            return forward_impl(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h,
+                                return_h, return_v, lean=lean)
         return forward_impl(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h,
                             return_h, return_v)
 
     @cf_forward.register_fake
     def _(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, save_h,
-          return_h, return_v):
+          return_h, return_v, lean=False):
         T, N = x.shape
-        h = (x.new_empty((T, N), dtype=torch.float32) if save_h or return_h
-             else x.new_empty((0,), dtype=torch.float32))
+        if lean and supports_lean and save_h and not return_h:
+            h = x.new_empty((T, N), dtype=lean_dtype(kind))
+        else:
+            h = (x.new_empty((T, N), dtype=torch.float32) if save_h or return_h
+                 else x.new_empty((0,), dtype=torch.float32))
         v_seq = x.new_empty((T, N)) if return_v else x.new_empty((0,))
         return x.new_empty((T, N)), x.new_empty((N,)), h, v_seq
 
@@ -137,7 +178,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
 
     def setup_context(ctx, inputs, output):
         (x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, save_h,
-         return_h, return_v) = inputs
+         return_h, return_v) = inputs[:14]
         h = output[2]
         ctx.save_for_backward(h, alpha)
         ctx.params = (kind, k, c, theta_p, theta_n, k_pos, k_neg, detach_reset, x.dtype)
@@ -160,7 +201,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
             theta_n, k_pos, k_neg, detach_reset, need_grad_alpha, dtype)
         return ((grad_x if ctx.needs_input_grad[0] else None),
                 (grad_v0 if ctx.needs_input_grad[1] else None),
-                (grad_alpha if need_grad_alpha else None)) + (None,) * 11
+                (grad_alpha if need_grad_alpha else None)) + (None,) * 12
 
     cf_forward.register_autograd(backward, setup_context=setup_context)
     _ops[backend] = (cf_forward, cf_backward)
@@ -169,17 +210,24 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
                       v_threshold: float = 1.0, v_threshold_neg: Optional[float] = None,
                       k_pos: int = 2, k_neg: int = 2, surrogate_function=None,
                       detach_reset: bool = False, t_start: int = 0, return_h_seq: bool = False,
-                      return_v_seq: bool = False):
+                      return_v_seq: bool = False, memory: str = 'normal'):
         if check_call is not None:
             check_call(x_seq)
+        if memory not in MEMORY_MODES:
+            raise ValueError(f'memory must be one of {MEMORY_MODES}, got {memory!r}')
+        if memory == 'lean' and not supports_lean:
+            raise ValueError(f"backend {backend!r} has no memory-lean mode (memory='lean')")
         call = prepare(backend, x_seq, v, tau, decay_input, v_threshold, v_threshold_neg, k_pos,
                        k_neg, surrogate_function, detach_reset, t_start)
         save_h = torch.is_grad_enabled() and (call.x.requires_grad or call.v0.requires_grad
                                               or call.alpha.requires_grad)
+        lean = memory == 'lean' and save_h and not return_h_seq
+        if lean:
+            check_lean(call.kind, call.k_pos, call.k_neg)
         s, v_last, h, v_seq = cf_forward(
             call.x, call.v0, call.alpha, KIND_CODES[call.kind], call.k, call.c, call.theta_p,
             call.theta_n, call.k_pos, call.k_neg, call.detach_reset, save_h,
-            bool(return_h_seq), bool(return_v_seq))
+            bool(return_h_seq), bool(return_v_seq), lean)
         T, tail = x_seq.shape[0], call.tail
         h_seq = v_seq_out = None
         if return_h_seq:
@@ -190,6 +238,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
             v_seq_out = v_seq.view(T, *tail)
         return s.view(T, *tail), v_last.view(tail), h_seq, v_seq_out
 
+    cf_multi_step.supports_memory_lean = supports_lean
     cf_multi_step.__name__ = cf_multi_step.__qualname__ = f'cf_multi_step_{backend}'
     cf_multi_step.__doc__ = (
         f'Multi-step CF neuron on the ``{backend!r}`` kernel ops '

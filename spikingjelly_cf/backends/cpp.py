@@ -19,12 +19,12 @@ from typing import Optional
 
 import torch
 
-from ._common import grad_view, ptr
-from ._ops import define_kernel_ops
+from ._common import KIND_CODES, grad_view, ptr
+from ._ops import define_kernel_ops, lean_dtype
 
 __all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache']
 
-_ABI_VERSION = 1  # CF_ABI_VERSION in csrc/cf_cpu.c
+_ABI_VERSION = 2  # CF_ABI_VERSION in csrc/cf_cpu.c
 
 _lock = threading.Lock()
 _lib = None
@@ -69,6 +69,13 @@ def _load():
         lib.cf_cpu_backward.restype = _i32
         lib.cf_cpu_backward.argtypes = [_i32, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _f32,
                                         _f32, _f64, _f64, _i32, _i32, _i32, _i32]
+        # memory-lean variants: uint8 window codes / binary16 h beside (or instead of) float32 h
+        lib.cf_cpu_forward_ex.restype = _i32
+        lib.cf_cpu_forward_ex.argtypes = [_p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _f32, _f32,
+                                          _f64, _f64, _i32, _i32, _i32]
+        lib.cf_cpu_backward_ex.restype = _i32
+        lib.cf_cpu_backward_ex.argtypes = [_i32, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64,
+                                           _i64, _f32, _f32, _f64, _f64, _i32, _i32, _i32, _i32]
         _lib, _path = lib, spec.origin
         return _lib
 
@@ -110,17 +117,17 @@ _POOL_PER_SIZE = 32
 _pool: dict = {}
 
 
-def _take(T: int, N: int) -> torch.Tensor:
+def _take(T: int, N: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     with _lock:
-        free = _pool.get(T * N)
+        free = _pool.get((T * N, dtype))
         if free:
             return free.pop().view(T, N)
-    return torch.empty(T, N, dtype=torch.float32)
+    return torch.empty(T, N, dtype=dtype)
 
 
 def _give(buffer: torch.Tensor) -> None:
     with _lock:
-        free = _pool.setdefault(buffer.numel(), [])
+        free = _pool.setdefault((buffer.numel(), buffer.dtype), [])
         if len(free) < _POOL_PER_SIZE:
             free.append(buffer)
 
@@ -132,8 +139,11 @@ def empty_cache() -> None:
 
 
 def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, return_h,
-             return_v):
-    """Forward op body: one call of ``cf_cpu_forward`` on ``[T, N]`` float32 tensors."""
+             return_v, lean=False):
+    """Forward op body: one call of ``cf_cpu_forward_ex`` on ``[T, N]`` float32 tensors.
+
+    With ``lean`` (and ``save_h``, not ``return_h``) the saved tensor is the ``uint8`` window
+    codes (CFRect) or ``float16`` ``h`` instead of float32 ``h`` (memory-lean mode)."""
     global launch_count
     lib = _load()
     if lib is None:
@@ -143,24 +153,38 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
     v0 = v0.contiguous()
     s = torch.empty_like(x)
     v_last = torch.empty_like(v0)
+    code = h16 = None
     if return_h:  # handed to the caller: a tensor of its own
         h = torch.empty_like(x)
+    elif save_h and lean:  # memory-lean: read only by the backward pass, pooled
+        h = None
+        if lean_dtype(kind) == torch.uint8:
+            code = _take(T, N, torch.uint8)
+        else:
+            h16 = _take(T, N, torch.float16)
     elif save_h:  # read only by the backward pass: pooled (given back by the autograd node)
         h = _take(T, N)
     else:
         h = None
     v_seq = torch.empty_like(x) if return_v else None
-    _check(lib.cf_cpu_forward(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
-                              v_last.data_ptr(), T, N, k, c, theta_p, theta_n, k_pos, k_neg,
-                              torch.get_num_threads()), 'forward')
+    rc = lib.cf_cpu_forward_ex(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
+                               v_last.data_ptr(), ptr(code), ptr(h16), T, N, k, c, theta_p,
+                               theta_n, k_pos, k_neg, torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"memory='lean' with CFRect needs k_pos, k_neg <= 15, got {k_pos}, "
+                         f"{k_neg}")
+    _check(rc, 'forward')
     launch_count += 1
     empty = x.new_empty((0,))
-    return s, v_last, (empty if h is None else h), (empty.clone() if v_seq is None else v_seq)
+    saved = code if code is not None else (h16 if h16 is not None else h)
+    return s, v_last, (empty if saved is None else saved), (empty.clone() if v_seq is None
+                                                             else v_seq)
 
 
 def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
               k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
-    """Backward op body: one call of ``cf_cpu_backward``."""
+    """Backward op body: one call of ``cf_cpu_backward_ex``; ``h`` is float32, or the
+    memory-lean ``uint8`` window codes (CFRect) or ``float16`` ``h``."""
     global launch_count
     lib = _load()
     T, N = h.shape
@@ -169,14 +193,27 @@ def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, the
     alpha = alpha.contiguous()
     grad_s, grad_h, grad_v_seq, grad_v_last = (grad_view(g, f32) for g in
                                                (grad_s, grad_h, grad_v_seq, grad_v_last))
-    grad_x = torch.empty_like(h)
+    h32 = h if h.dtype == f32 else None
+    code = h if h.dtype == torch.uint8 else None
+    h16 = h if h.dtype == torch.float16 else None
+    if h32 is None and code is None and h16 is None:
+        raise TypeError(f'cf_backward_cpp: saved h must be float32, uint8 or float16, got '
+                        f'{h.dtype}')
+    if code is not None and kind != KIND_CODES['rect']:
+        raise ValueError('cf_backward_cpp: uint8 window codes are CFRect-only')
+    grad_x = torch.empty(T, N, dtype=f32)
     grad_v0 = torch.empty(N, dtype=f32)
     grad_alpha = torch.empty(T if need_grad_alpha else 0, dtype=f32)
-    _check(lib.cf_cpu_backward(kind, h.data_ptr(), ptr(grad_s), ptr(grad_h), ptr(grad_v_seq),
-                               ptr(grad_v_last), alpha.data_ptr(), grad_x.data_ptr(),
-                               grad_v0.data_ptr(), ptr(grad_alpha if need_grad_alpha else None),
-                               T, N, k, c, theta_p, theta_n, k_pos, k_neg, int(detach_reset),
-                               torch.get_num_threads()), 'backward')
+    rc = lib.cf_cpu_backward_ex(kind, ptr(h32), ptr(code), ptr(h16), ptr(grad_s), ptr(grad_h),
+                                ptr(grad_v_seq), ptr(grad_v_last), alpha.data_ptr(),
+                                grad_x.data_ptr(), grad_v0.data_ptr(),
+                                ptr(grad_alpha if need_grad_alpha else None), T, N, k, c,
+                                theta_p, theta_n, k_pos, k_neg, int(detach_reset),
+                                torch.get_num_threads())
+    if rc == -2:
+        raise ValueError('cf_backward_cpp: inconsistent saved form (window codes need CFRect '
+                         'and K <= 15)')
+    _check(rc, 'backward')
     launch_count += 1
     return grad_x.to(grad_dtype), grad_v0.to(grad_dtype), grad_alpha
 
@@ -194,4 +231,4 @@ def _check_call(x_seq) -> None:
 #: ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``, ``h_seq`` / ``v_seq``
 #: ``[T, *]`` or ``None``. Gradients flow to ``x_seq``, ``v`` and TSG's parameter.
 cf_multi_step_cpp = define_kernel_ops('cpp', 'cpu', _forward, _backward, recycle_h=_give,
-                                      check_call=_check_call)
+                                      check_call=_check_call, supports_lean=True)

@@ -80,8 +80,9 @@ def cf_multi_step_ref(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
     c = 1.0 / p['tau'] if p['decay_input'] else 1.0
     th_p, th_n = p['v_threshold'], p['v_threshold_neg']
     s_list, h_list, v_list = [], [], []
-    for t in range(x_seq.shape[0]):
-        x = x_seq[t]
+    # unbind, not x_seq[t]: the backward of T selections builds T full-size gradients of x_seq
+    # (quadratic in T; a minute per call at T = 500), unbind's backward stacks them once
+    for t, x in enumerate(x_seq.unbind(0)):
         h = k_tau * v + (c * x if c != 1.0 else x)
         n_pos = 0
         for k in range(1, p['k_pos'] + 1):

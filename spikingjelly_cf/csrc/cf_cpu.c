@@ -68,8 +68,8 @@
 
 #define CF_BLOCK_MIN 512
 #define CF_BLOCK_MAX 8192
-#define CF_SCRATCH_ARRAYS 5 /* per-neuron arrays a block function may need */
-#define CF_ABI_VERSION 1
+#define CF_SCRATCH_ARRAYS 6 /* per-neuron arrays a block function may need */
+#define CF_ABI_VERSION 2
 
 static const float cf_zeros[CF_BLOCK_MAX] = {0.0f};
 
@@ -142,9 +142,28 @@ static float *cf_make_levels(int k, double theta)
 typedef struct cf_fwd_args {
     const float *x, *v0;
     float *s, *h_seq, *v_seq, *v_last;
+    unsigned char *code_seq; /* memory-lean CFRect: window codes [T, N], or NULL */
+    unsigned short *h16_seq; /* memory-lean smooth surrogates: h as binary16 [T, N], or NULL */
     const float *lp, *ln; /* levels, for the any-K path */
     int64_t T, N;
 } cf_fwd_args;
+
+/* Memory-lean saving of one row segment of h (cf_step.h): window codes and/or binary16. */
+CF_ALWAYS_INLINE void cf_store_lean(const cf_fwd_args *a, const cf_params *q, int kp, int kn,
+                                    int64_t off, const float *restrict ht, int64_t nb)
+{
+    int64_t i;
+    if (a->code_seq) {
+        unsigned char *restrict ct = a->code_seq + off;
+        for (i = 0; i < nb; ++i)
+            ct[i] = cf_window_code_k(ht[i], q, kp, kn);
+    }
+    if (a->h16_seq) {
+        unsigned short *restrict h16 = a->h16_seq + off;
+        for (i = 0; i < nb; ++i)
+            h16[i] = cf_float_to_half_bits(ht[i]);
+    }
+}
 
 /* Compile-time K_P, K_N: cf_forward_step_k per neuron, level loops unrolled, one pass a step. */
 CF_ALWAYS_INLINE void cf_forward_block_fixed(const int kp, const int kn, const cf_fwd_args *a,
@@ -166,6 +185,7 @@ CF_ALWAYS_INLINE void cf_forward_block_fixed(const int kp, const int kn, const c
             ht[i] = o.h;
             v[i] = o.v;
         }
+        cf_store_lean(a, &q, kp, kn, off, ht, nb);
         if (a->v_seq)
             memcpy(a->v_seq + off, v, (size_t)nb * sizeof(float));
     }
@@ -206,6 +226,7 @@ CF_CLONES static void cf_forward_block_any(const cf_fwd_args *a, const cf_params
             st[i] = np[i] - nn[i];
             v[i] = cf_reset(ht[i], np[i], nn[i], &q);
         }
+        cf_store_lean(a, &q, q.k_pos, q.k_neg, off, ht, nb);
         if (a->v_seq)
             memcpy(a->v_seq + off, v, (size_t)nb * sizeof(float));
     }
@@ -251,12 +272,16 @@ static void cf_forward_body(void *ctx, int64_t b, int64_t n0, int64_t nb, float 
 }
 
 /*
- * x, s: [T, N]; v0, v_last: [N]; h_seq, v_seq: [T, N] or NULL (not written).
- * Returns 0, or -1 if a small buffer cannot be allocated.
+ * x, s: [T, N]; v0, v_last: [N]; h_seq, v_seq: [T, N] or NULL (not written);
+ * code_seq: [T, N] uint8 window codes (memory-lean CFRect, K_P, K_N <= 15) or NULL;
+ * h16_seq: [T, N] binary16 bits of h (memory-lean smooth surrogates) or NULL.
+ * Returns 0, -1 if a small buffer cannot be allocated, -2 for K > 15 with code_seq.
  */
-CF_EXPORT int cf_cpu_forward(const float *x, const float *v0, float *s, float *h_seq, float *v_seq,
-                             float *v_last, int64_t T, int64_t N, float k, float c, double theta_p,
-                             double theta_n, int k_pos, int k_neg, int num_threads)
+CF_EXPORT int cf_cpu_forward_ex(const float *x, const float *v0, float *s, float *h_seq,
+                                float *v_seq, float *v_last, unsigned char *code_seq,
+                                unsigned short *h16_seq, int64_t T, int64_t N, float k, float c,
+                                double theta_p, double theta_n, int k_pos, int k_neg,
+                                int num_threads)
 {
     const cf_params p = cf_make_params(k, c, theta_p, theta_n, k_pos, k_neg, 0);
     const int64_t B = cf_block_size(N);
@@ -269,8 +294,12 @@ CF_EXPORT int cf_cpu_forward(const float *x, const float *v0, float *s, float *h
     a.h_seq = h_seq;
     a.v_seq = v_seq;
     a.v_last = v_last;
+    a.code_seq = code_seq;
+    a.h16_seq = h16_seq;
     a.T = T;
     a.N = N;
+    if (code_seq && (k_pos > CF_LEAN_MAX_K || k_neg > CF_LEAN_MAX_K))
+        return -2;
     a.lp = cf_make_levels(k_pos, theta_p);
     a.ln = cf_make_levels(k_neg, theta_n);
     if (!a.lp || !a.ln) {
@@ -290,15 +319,38 @@ CF_EXPORT int cf_cpu_forward(const float *x, const float *v0, float *s, float *h
     return failed ? -1 : 0;
 }
 
+/* The forward pass that saves float32 h (or nothing): cf_cpu_forward_ex without lean buffers. */
+CF_EXPORT int cf_cpu_forward(const float *x, const float *v0, float *s, float *h_seq, float *v_seq,
+                             float *v_last, int64_t T, int64_t N, float k, float c, double theta_p,
+                             double theta_n, int k_pos, int k_neg, int num_threads)
+{
+    return cf_cpu_forward_ex(x, v0, s, h_seq, v_seq, v_last, NULL, NULL, T, N, k, c, theta_p,
+                             theta_n, k_pos, k_neg, num_threads);
+}
+
 /* ----------------------------------------------------------------- backward */
 
 typedef struct cf_bwd_args {
     const float *h_seq, *grad_s, *grad_h, *grad_v_seq, *grad_v_last, *alpha;
+    const unsigned char *code_seq; /* memory-lean CFRect: window codes instead of h_seq */
+    const unsigned short *h16_seq; /* memory-lean smooth surrogates: binary16 h instead */
     float *grad_x, *grad_v0;
     double *alpha_part; /* [nblocks, T] per-block sums of dL/da_t (TSG), or NULL */
     const float *lp, *ln;
     int64_t T, N;
 } cf_bwd_args;
+
+/* Row segment of h at offset off: h_seq itself, or h16_seq widened into the scratch row hd. */
+CF_ALWAYS_INLINE const float *cf_h_row(const cf_bwd_args *a, int64_t off, int64_t nb,
+                                       float *restrict hd)
+{
+    int64_t i;
+    if (!a->h16_seq)
+        return a->h_seq + off;
+    for (i = 0; i < nb; ++i)
+        hd[i] = cf_half_bits_to_float(a->h16_seq[off + i]);
+    return hd;
+}
 
 /* Compile-time kind, K_P, K_N: cf_backward_step per neuron, one pass per step. */
 CF_ALWAYS_INLINE void cf_backward_block_fixed(const int kind, const int kp, const int kn,
@@ -306,20 +358,31 @@ CF_ALWAYS_INLINE void cf_backward_block_fixed(const int kind, const int kp, cons
                                               int64_t n0, int64_t nb, double *ap, float *work)
 {
     const cf_params q = *p; /* a local copy: no store in the loop can alias it */
-    float *restrict carry = work;
+    float *restrict carry = work, *restrict hd = work + nb;
     int64_t t, i;
     const float *restrict gvl = a->grad_v_last ? a->grad_v_last + n0 : cf_zeros;
     for (i = 0; i < nb; ++i)
         carry[i] = gvl[i];
     for (t = a->T - 1; t >= 0; --t) {
         const int64_t off = t * a->N + n0;
-        const float *restrict ht = a->h_seq + off;
         const float *restrict gst = a->grad_s ? a->grad_s + off : cf_zeros;
         const float *restrict ght = a->grad_h ? a->grad_h + off : cf_zeros;
         const float *restrict gvt = a->grad_v_seq ? a->grad_v_seq + off : cf_zeros;
         float *restrict gxt = a->grad_x + off;
         const float al = a->alpha[t];
         float ga = 0.0f;
+        const float *restrict ht;
+        if (kind == CF_RECT && a->code_seq) { /* memory-lean CFRect: from the window codes */
+            const unsigned char *restrict ct = a->code_seq + off;
+            for (i = 0; i < nb; ++i) {
+                const cf_bwd_out o = cf_backward_step_code(ct[i], gst[i], carry[i] + gvt[i],
+                                                           ght[i], al, &q);
+                gxt[i] = o.grad_x;
+                carry[i] = o.grad_v_prev;
+            }
+            continue;
+        }
+        ht = cf_h_row(a, off, nb, hd);
         /* gv_tot = carry (grad_v_last already in it at T-1) + grad_v_seq[t] */
         if (kind == CF_TSG) {
             for (i = 0; i < nb; ++i) {
@@ -350,7 +413,8 @@ CF_ALWAYS_INLINE void cf_backward_block_any(const int kind, const cf_bwd_args *a
 {
     const cf_params q = *p;
     float *restrict carry = work, *restrict sp = work + nb, *restrict sn = work + 2 * nb,
-                    *restrict pp = work + 3 * nb, *restrict pn = work + 4 * nb;
+                    *restrict pp = work + 3 * nb, *restrict pn = work + 4 * nb,
+                    *restrict hd = work + 5 * nb;
     const float hw_p = cf_half_width_pos(&q), hw_n = cf_half_width_neg(&q);
     const int tsg = kind == CF_TSG;
     int64_t t, i;
@@ -360,13 +424,24 @@ CF_ALWAYS_INLINE void cf_backward_block_any(const int kind, const cf_bwd_args *a
         carry[i] = gvl[i];
     for (t = a->T - 1; t >= 0; --t) {
         const int64_t off = t * a->N + n0;
-        const float *restrict ht = a->h_seq + off;
         const float *restrict gst = a->grad_s ? a->grad_s + off : cf_zeros;
         const float *restrict ght = a->grad_h ? a->grad_h + off : cf_zeros;
         const float *restrict gvt = a->grad_v_seq ? a->grad_v_seq + off : cf_zeros;
         float *restrict gxt = a->grad_x + off;
         const float al = a->alpha[t];
         float ga = 0.0f;
+        const float *restrict ht;
+        if (kind == CF_RECT && a->code_seq) { /* memory-lean CFRect: from the window codes */
+            const unsigned char *restrict ct = a->code_seq + off;
+            for (i = 0; i < nb; ++i) {
+                const cf_bwd_out o = cf_backward_step_code(ct[i], gst[i], carry[i] + gvt[i],
+                                                           ght[i], al, &q);
+                gxt[i] = o.grad_x;
+                carry[i] = o.grad_v_prev;
+            }
+            continue;
+        }
+        ht = cf_h_row(a, off, nb, hd);
         for (i = 0; i < nb; ++i) {
             sp[i] = 0.0f;
             sn[i] = 0.0f;
@@ -464,19 +539,22 @@ static void cf_backward_body(void *ctx, int64_t b, int64_t n0, int64_t nb, float
 }
 
 /*
- * h_seq: [T, N] saved pre-reset potentials; grad_s, grad_h, grad_v_seq: [T, N] or
+ * h_seq: [T, N] saved pre-reset potentials, or NULL when code_seq (CFRect only: the
+ * uint8 window codes of cf_cpu_forward_ex) or h16_seq (binary16 h) is given instead;
+ * grad_s, grad_h, grad_v_seq: [T, N] or
  * NULL (zero); grad_v_last: [N] or NULL; alpha: [T] (a_t for TSG, the constant
  * alpha otherwise).  Writes grad_x [T, N], grad_v0 [N] and, when grad_alpha is
  * not NULL (TSG), grad_alpha [T] = sum over neurons, reduced per block in
  * float32, then over blocks in double in a fixed order (deterministic for any
  * thread count).  Returns 0, or -1 if a scratch buffer cannot be allocated.
  */
-CF_EXPORT int cf_cpu_backward(int kind, const float *h_seq, const float *grad_s,
-                              const float *grad_h, const float *grad_v_seq,
-                              const float *grad_v_last, const float *alpha, float *grad_x,
-                              float *grad_v0, float *grad_alpha, int64_t T, int64_t N, float k,
-                              float c, double theta_p, double theta_n, int k_pos, int k_neg,
-                              int detach_reset, int num_threads)
+CF_EXPORT int cf_cpu_backward_ex(int kind, const float *h_seq, const unsigned char *code_seq,
+                                 const unsigned short *h16_seq, const float *grad_s,
+                                 const float *grad_h, const float *grad_v_seq,
+                                 const float *grad_v_last, const float *alpha, float *grad_x,
+                                 float *grad_v0, float *grad_alpha, int64_t T, int64_t N, float k,
+                                 float c, double theta_p, double theta_n, int k_pos, int k_neg,
+                                 int detach_reset, int num_threads)
 {
     const cf_params p = cf_make_params(k, c, theta_p, theta_n, k_pos, k_neg, detach_reset);
     const int64_t B = cf_block_size(N), nblocks = (N + B - 1) / B;
@@ -485,6 +563,11 @@ CF_EXPORT int cf_cpu_backward(int kind, const float *h_seq, const float *grad_s,
     cf_bwd_args a;
     int64_t b;
     a.h_seq = h_seq;
+    a.code_seq = code_seq;
+    a.h16_seq = h16_seq;
+    if ((code_seq != NULL) + (h16_seq != NULL) + (h_seq != NULL) != 1 ||
+        (code_seq && (kind != CF_RECT || k_pos > CF_LEAN_MAX_K || k_neg > CF_LEAN_MAX_K)))
+        return -2;
     a.grad_s = grad_s;
     a.grad_h = grad_h;
     a.grad_v_seq = grad_v_seq;
@@ -525,6 +608,19 @@ CF_EXPORT int cf_cpu_backward(int kind, const float *h_seq, const float *grad_s,
     free((void *)a.lp);
     free((void *)a.ln);
     return failed ? -1 : 0;
+}
+
+/* The backward pass from float32 h: cf_cpu_backward_ex without lean buffers. */
+CF_EXPORT int cf_cpu_backward(int kind, const float *h_seq, const float *grad_s,
+                              const float *grad_h, const float *grad_v_seq,
+                              const float *grad_v_last, const float *alpha, float *grad_x,
+                              float *grad_v0, float *grad_alpha, int64_t T, int64_t N, float k,
+                              float c, double theta_p, double theta_n, int k_pos, int k_neg,
+                              int detach_reset, int num_threads)
+{
+    return cf_cpu_backward_ex(kind, h_seq, NULL, NULL, grad_s, grad_h, grad_v_seq, grad_v_last,
+                              alpha, grad_x, grad_v0, grad_alpha, T, N, k, c, theta_p, theta_n,
+                              k_pos, k_neg, detach_reset, num_threads);
 }
 
 #ifndef CF_STANDALONE

@@ -240,4 +240,121 @@ CF_HD cf_bwd_out cf_backward_step(int kind, float h, float grad_s, float gv_tot,
     return cf_backward_step_k(kind, h, grad_s, gv_tot, grad_h, alpha, p, p->k_pos, p->k_neg);
 }
 
+/* ------------------------------------------------------- memory-lean saving */
+/* What the backward pass reads per neuron and step can be smaller than the
+ * float32 h (memory='lean'):
+ *   - CFRect needs only how many levels' windows |x| < theta/2 contain h, on
+ *     each side: one byte, the positive count in the low nibble and the
+ *     negative count in the high nibble (K_P, K_N <= 15).  The backward pass
+ *     then adds alpha that many times, which is exactly the float32 sum
+ *     cf_backward_step_k forms (the other levels add 0.0f), so the gradients
+ *     are bit-identical.
+ *   - The smooth surrogates (TSG, Sigmoid, ATan) need h itself: it is stored
+ *     as IEEE half (binary16, round to nearest even, saturating to +-inf
+ *     beyond 65504, where every surrogate is 0) and widened in the backward
+ *     pass, which then runs the ordinary float32 arithmetic on it. */
+#define CF_LEAN_MAX_K 15
+
+/* The window code of h (CFRect): low nibble positive windows, high nibble negative ones. */
+CF_HD unsigned char cf_window_code_k(float h, const cf_params *p, int k_pos, int k_neg)
+{
+    const float hw_p = cf_half_width_pos(p), hw_n = cf_half_width_neg(p);
+    unsigned int cp = 0u, cn = 0u;
+    int j;
+    for (j = 1; j <= k_pos; ++j)
+        cp += fabsf(cf_dist_pos(h, cf_level(j, p->theta_p_d))) < hw_p ? 1u : 0u;
+    for (j = 1; j <= k_neg; ++j)
+        cn += fabsf(cf_dist_neg(h, cf_level(j, p->theta_n_d))) < hw_n ? 1u : 0u;
+    return (unsigned char)(cp | (cn << 4));
+}
+
+/* Sp and Sn of CFRect from a window code: alpha added once per window, as cf_backward_step_k
+ * adds it (in-window levels add alpha, the others 0.0f, which changes nothing). */
+CF_HD void cf_rect_sums_from_code(unsigned char code, float alpha, float *sp, float *sn)
+{
+    unsigned int cp = code & 15u, cn = (unsigned int)code >> 4;
+    float a = 0.0f, b = 0.0f;
+    for (; cp; --cp)
+        a += alpha;
+    for (; cn; --cn)
+        b += alpha;
+    *sp = a;
+    *sn = b;
+}
+
+/* One reverse step of one neuron from its window code (CFRect only): the same gradients as
+ * cf_backward_step_k(CF_RECT, h, ...) for the h the code was made from. */
+CF_HD cf_bwd_out cf_backward_step_code(unsigned char code, float grad_s, float gv_tot,
+                                       float grad_h, float alpha, const cf_params *p)
+{
+    float sp, sn;
+    cf_rect_sums_from_code(code, alpha, &sp, &sn);
+    return cf_backward_combine(CF_RECT, sp, sn, 0.0f, 0.0f, grad_s, gv_tot, grad_h, p);
+}
+
+typedef union cf_f32_bits {
+    float f;
+    unsigned int u;
+} cf_f32_bits;
+
+/* float32 -> IEEE binary16 bits, round to nearest even (what torch's .half() does). */
+CF_HD unsigned short cf_float_to_half_bits(float f)
+{
+    cf_f32_bits in;
+    unsigned int x, sign, mag;
+    in.f = f;
+    x = in.u;
+    sign = (x >> 16) & 0x8000u;
+    mag = x & 0x7fffffffu;
+    if (mag >= 0x7f800000u) /* inf or nan (nan keeps a quiet payload bit) */
+        return (unsigned short)(sign | 0x7c00u | (mag > 0x7f800000u ? 0x200u : 0u));
+    if (mag >= 0x477ff000u) /* rounds to >= 65520: overflow to inf */
+        return (unsigned short)(sign | 0x7c00u);
+    if (mag < 0x38800000u) { /* below 2^-14: a subnormal half (or zero) */
+        unsigned int shift, mant, half, rest, halfway;
+        if (mag < 0x33000000u) /* below 2^-25: rounds to zero */
+            return (unsigned short)sign;
+        shift = 126u - (mag >> 23); /* value / 2^-24 = mant * 2^-shift, shift in 14..24 */
+        mant = (mag & 0x7fffffu) | 0x800000u;
+        half = mant >> shift;
+        rest = mant & ((1u << shift) - 1u);
+        halfway = 1u << (shift - 1u);
+        if (rest > halfway || (rest == halfway && (half & 1u)))
+            half += 1u; /* 0x400 is the smallest normal half: still the right bits */
+        return (unsigned short)(sign | half);
+    }
+    {
+        /* normal: rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits */
+        unsigned int h = ((mag - 0x38000000u) >> 13);
+        const unsigned int rest = mag & 0x1fffu;
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
+            h += 1u; /* a carry into the exponent is the correct rounding */
+        return (unsigned short)(sign | h);
+    }
+}
+
+/* IEEE binary16 bits -> float32 (exact). */
+CF_HD float cf_half_bits_to_float(unsigned short hbits)
+{
+    cf_f32_bits out;
+    const unsigned int sign = ((unsigned int)hbits & 0x8000u) << 16;
+    const unsigned int e = ((unsigned int)hbits >> 10) & 0x1fu;
+    unsigned int m = (unsigned int)hbits & 0x3ffu;
+    if (e == 0x1fu) {
+        out.u = sign | 0x7f800000u | (m << 13);
+    } else if (e != 0u) {
+        out.u = sign | ((e + 112u) << 23) | (m << 13);
+    } else if (m == 0u) {
+        out.u = sign;
+    } else { /* subnormal half: normalise */
+        unsigned int ee = 113u;
+        while (!(m & 0x400u)) {
+            m <<= 1;
+            --ee;
+        }
+        out.u = sign | (ee << 23) | ((m & 0x3ffu) << 13);
+    }
+    return out.f;
+}
+
 #endif /* SPIKINGJELLY_CF_STEP_H */

@@ -13,6 +13,7 @@ import torch
 
 from .. import backends as _backends
 from .._validation import check_cf_parameters, check_tensors
+from ..backends._ops import MEMORY_MODES
 from ..backends.reference import cf_multi_step_ref
 from ..surrogate import KERNEL_SURROGATES, CFRect, kernel_kind
 
@@ -94,9 +95,16 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
                   v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
                   surrogate_function=None, detach_reset: bool = False, t_start: int = 0,
                   return_h_seq: bool = False, return_v_seq: bool = False,
-                  backend: str = 'auto') -> Result:
+                  backend: str = 'auto', memory: str = 'normal') -> Result:
     r"""Multi-step CF neuron on the chosen backend; same arguments and results as
-    :func:`cf_multi_step_ref` plus ``backend`` (one of :data:`BACKENDS`).
+    :func:`cf_multi_step_ref` plus ``backend`` (one of :data:`BACKENDS`) and ``memory``.
+
+    ``memory='lean'`` saves at most 2 bytes per neuron-step for the backward pass instead of
+    the float32 ``h`` (4 bytes): CFRect saves one ``uint8`` code per neuron-step (which level
+    windows ``h`` fell in; gradients bit-identical to ``'normal'``), TSG, Sigmoid and ATan save
+    ``h`` as ``float16`` (gradients differ from the float32 path by the rounding of ``h``).
+    Implemented by the ``'cpp'`` backend; other backends run in normal mode with a one-time
+    warning. With ``return_h_seq`` the float32 ``h`` is kept anyway and nothing changes.
 
     Examples
     --------
@@ -110,10 +118,21 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
     check_tensors(x_seq, v)
     if surrogate_function is None:
         surrogate_function = CFRect()
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     name = resolve_backend(backend, x_seq, surrogate_function, t_start)
     fn = _backends.get(name)
+    extra = {}
+    if memory == 'lean':
+        if getattr(fn, 'supports_memory_lean', False):
+            extra['memory'] = 'lean'
+        else:
+            _warn_once(f'lean-{name}',
+                       f"CFNode: memory='lean' is implemented by the 'cpp' backend; backend "
+                       f"{name!r} runs in normal mode (it saves float32 h, or for the reference "
+                       f"whatever autograd saves).")
     return fn(x_seq, v, surrogate_function=surrogate_function, t_start=t_start,
-              return_h_seq=return_h_seq, return_v_seq=return_v_seq, **p)
+              return_h_seq=return_h_seq, return_v_seq=return_v_seq, **p, **extra)
 
 
 def cf_single_step(x: torch.Tensor, v: torch.Tensor, t: int = 0, backend: str = 'auto', **kwargs):
