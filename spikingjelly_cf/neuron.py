@@ -6,6 +6,7 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron as sj_neuron
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _compat, _recompute
 from .backends._ops import MEMORY_MODES
@@ -247,6 +248,12 @@ class CFNode(sj_neuron.BaseNode):
             memory=self.memory)
         if replay:  # the first run already committed the state
             return s_seq, None
+        if torch.compiler.is_exporting() and isinstance(v, FakeTensor):
+            # Non-strict torch.export runs this code on fake tensors: an exported program is a
+            # function of its input from a reset state, and torch 2.9 would otherwise leave the
+            # fake tensors in the module's memories. (Under Dynamo, v is no FakeTensor; torch
+            # 2.9's is_exporting() is wrongly True inside torch.compile too.)
+            return s_seq, v_seq
         self.v = v
         count = self.step_count  # 0 after a reset, then a 0-d int64 CPU tensor (see __init__)
         if not isinstance(count, torch.Tensor):

@@ -76,7 +76,7 @@ def test_cpp_empty_cache():
     s, _, _, _ = cf_multi_step(x, torch.zeros(33), backend='cpp')
     s.sum().backward()
     del s
-    assert cpp._pool.get(3 * 33), 'a freed graph returns its h buffer to the pool'
+    assert cpp._pool.get((3 * 33, torch.float32)), 'a freed graph returns its h buffer to the pool'
     cpp.empty_cache()
     assert cpp._pool == {}
     s, _, _, _ = cf_multi_step(x, torch.zeros(33), backend='cpp')  # works after emptying

@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 
 import torch
 
-__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'available_backends',
+__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'unavailable_reason', 'available_backends',
            'kernel_dtypes']
 
 #: Kernel backends and the dtypes each runs, per device type.
@@ -65,6 +65,12 @@ def is_available(name: str) -> bool:
     if ok:
         _function(name)
     return ok
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason(name: str) -> str:
+    """Why backend ``name`` cannot run here ('' when it can); a constant for ``torch.compile``."""
+    return str(module(name).unavailable_reason())
 
 
 def get(name: str) -> Callable:

@@ -29,10 +29,14 @@ Result = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torc
 _warned = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+@torch.compiler.assume_constant_result
+def _warn_once(key: str, message: str) -> bool:
+    """Warn once per key. A constant for ``torch.compile``: Dynamo runs it once while tracing
+    (so the warning is still shown) instead of breaking the graph on ``warnings.warn``."""
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return True
 
 
 def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0) -> str:
@@ -70,7 +74,7 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
         name = candidates[0]
         _warn_once(f'unavailable-{name}',
                    f"CFNode: backend '{name}' is unavailable "
-                   f"({_backends.module(name).unavailable_reason()}); "
+                   f"({_backends.unavailable_reason(name)}); "
                    f"using the reference 'torch' backend (slower).")
         return 'torch'
     # explicit kernel backend
@@ -84,7 +88,7 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                          f"spiking mode, got {surrogate_function!r}; use backend='torch' or 'auto'")
     if not _backends.is_available(backend):
         raise RuntimeError(f'backend={backend!r} is unavailable: '
-                           f'{_backends.module(backend).unavailable_reason()}')
+                           f'{_backends.unavailable_reason(backend)}')
     if x_seq.dtype not in dtypes:
         return 'torch'  # dtypes the kernel does not cover use the reference
     return backend
