@@ -502,6 +502,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.neuron == 'cf' and 'lif_reset' in explicit:
         raise SystemExit('--lif-reset is a LIF option (CF always resets softly, Eq. 10)')
     args.arch = 'conv1d'
+    common.check_arguments(args)
     return args
 
 
