@@ -20,10 +20,10 @@ Grids (``--grid``)
 ------------------
 - ``smoke``: two cells, one seed, one epoch of a width-4 network: seconds (CI).
 - ``core``: the paper's ablation at equal budget (LIF soft/hard, ST, DT, SCF, CF, CF+TSG,
-  CF+TSG+PNB, LIF+TSG) plus the average-pooling rows, 3 seeds: the committed
-  ``benchmarks/results/2026-11-30_cpu-2core/`` table (see its Markdown for the wall time).
-- ``full`` (default): ``core`` plus K = 1..4, T = 2/4/8, max vs average pooling for every
-  variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds.
+  CF+TSG+PNB) plus average pooling for LIF and CF, 3 seeds (30 runs, 1 050 CPU-seconds): the
+  committed ``benchmarks/results/2026-11-30_cpu-2core/`` table.
+- ``full`` (default): ``core`` plus LIF+TSG, K = 1..4, T = 2/4/8, max vs average pooling for
+  every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds (105 runs).
 
 Examples
 --------
@@ -67,12 +67,8 @@ CORE_CELLS = [
     _cell('CF+TSG', ['--variant', 'CF', '--K', '2', '--surrogate', 'tsg', '--pnb', '0'], 'CF with TSG (Eq. 15-17)'),
     _cell('CF+TSG+PNB', ['--variant', 'CF', '--K', '2', '--surrogate', 'tsg', '--pnb', '0.25'],
           "the paper's full method (the example's default)"),
-    _cell('LIF+TSG', ['--neuron', 'lif', '--lif-reset', 'soft', '--surrogate', 'tsg', '--pnb', '0'],
-          'LIF soft with TSG'),
     _cell('LIF soft, avg pool', ['--neuron', 'lif', '--lif-reset', 'soft', '--pool', 'avg'] + RECT,
           'average pooling', group='pooling'),
-    _cell('SCF, avg pool', ['--variant', 'SCF', '--K', '2', '--pool', 'avg'] + RECT, 'average pooling',
-          group='pooling'),
     _cell('CF, avg pool', ['--variant', 'CF', '--K', '2', '--pool', 'avg'] + RECT, 'average pooling',
           group='pooling', diagnose=True),
 ]
@@ -86,6 +82,10 @@ def _full_cells():
         if c['name'] not in names:
             cells.append(c)
             names.add(c['name'])
+    add(_cell('LIF+TSG', ['--neuron', 'lif', '--lif-reset', 'soft', '--surrogate', 'tsg', '--pnb', '0'],
+              'LIF soft with TSG'))
+    add(_cell('SCF, avg pool', ['--variant', 'SCF', '--K', '2', '--pool', 'avg'] + RECT, 'average pooling',
+              group='pooling'))
     add(_cell('LIF soft+sigmoid', ['--neuron', 'lif', '--lif-reset', 'soft', '--surrogate', 'sigmoid', '--pnb', '0'],
               "SpikingJelly's default surrogate (Sigmoid, alpha 4)", group='surrogate'))
     add(_cell('LIF hard+sigmoid', ['--neuron', 'lif', '--lif-reset', 'hard', '--surrogate', 'sigmoid', '--pnb', '0'],
@@ -100,7 +100,7 @@ def _full_cells():
             c = next(c for c in CORE_CELLS if c['name'] == base)
             add(_cell(f'{base}, T={T}', c['argv'] + ['--T', str(T)], f'T = {T}', group='T'))
     for base in ('LIF hard', 'ST', 'DT', 'CF+TSG', 'CF+TSG+PNB', 'LIF+TSG'):
-        c = next(c for c in CORE_CELLS if c['name'] == base)
+        c = next(c for c in cells if c['name'] == base)
         add(_cell(f'{base}, avg pool', c['argv'] + ['--pool', 'avg'], 'average pooling', group='pooling'))
     return cells
 
@@ -267,7 +267,7 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
                     if sys.argv and sys.argv[0].endswith('accuracy_study.py') else None})
     results.setdefault('wall_seconds', 0.)
     print(f'[study] grid {grid!r}: {len(grid_cells)} cells x {len(seeds)} seeds; '
-          f'{len(done) - sum(1 for k in done if k not in {(c["name"], s) for c, s, _ in todo})} done, '
+          f'{len(grid_cells) * len(seeds) - len(todo)} done, '
           f'{len(todo)} to run ({jobs} at a time); results in {out_dir}', flush=True)
     bar = None
     if progress:
