@@ -20,16 +20,19 @@ Grids (``--grid``)
 ------------------
 - ``smoke``: two cells, one seed, one epoch of a width-4 network: seconds (CI).
 - ``core``: the paper's ablation at equal budget (LIF soft/hard, ST, DT, SCF, CF, CF+TSG,
-  CF+TSG+PNB) plus average pooling for LIF and CF, 3 seeds (30 runs, 1 050 CPU-seconds): the
-  committed ``benchmarks/results/2026-11-30_cpu-2core/`` table.
+  CF+TSG+PNB) plus average pooling for LIF and CF, 3 seeds: 30 runs, 16.5 min of CPU time,
+  about 9 min with ``--jobs 2`` on an idle 2-core CPU. The committed
+  ``benchmarks/results/2026-11-30_cpu-2core/`` table.
 - ``full`` (default): ``core`` plus LIF+TSG, K = 1..4, T = 2/4/8, max vs average pooling for
-  every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds (105 runs).
+  every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds: 105 runs, about
+  40 min with ``--jobs 2`` on an idle 2-core CPU (estimated from the CPU time of ``core``;
+  T = 8 and K = 4 cost more per run).
 
 Examples
 --------
 ::
 
-    python benchmarks/accuracy_study.py --grid core --jobs 2     # the committed table
+    python benchmarks/accuracy_study.py --grid core --jobs 2     # the committed table (30 runs)
     python benchmarks/accuracy_study.py --grid smoke --out-dir /tmp/study
     python benchmarks/accuracy_study.py --list                   # the cells of each grid
 """
@@ -355,6 +358,10 @@ def aggregate(results: dict) -> list:
     return rows
 
 
+def base_names(results: dict) -> set:
+    return {c['name'] for c in results['cells']}
+
+
 def write_report(results: dict, out_dir: str) -> None:
     rows = aggregate(results)
     base = {r['name']: r for r in rows}.get('LIF soft')
@@ -376,10 +383,16 @@ def write_report(results: dict, out_dir: str) -> None:
     versions = next((r.get('versions') for r in results['runs'] if r.get('versions')), None)
     if versions:
         lines += ['', f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}."]
+    cpu = [r['cpu_seconds'] for r in results['runs'] if r.get('cpu_seconds') and r['cell'] in base_names(results)]
+    if cpu:
+        lines += ['', f"CPU time of the {len(cpu)} runs: {sum(cpu) / 60:.1f} min in all, median {np.median(cpu):.0f} s "
+                      f"per run (one torch thread each, interpreter start-up included)."]
+    for note in results.get('notes', []):   # free text added to the JSON by hand (how the runs went)
+        lines += ['', note]
     with open(os.path.join(out_dir, 'accuracy_study.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     plot_study(rows, os.path.join(out_dir, 'accuracy_study.png'), title=f"MNIST-1D, grid {results['grid']}")
-    diag = [r for r in results['runs'] if r.get('diagnostics')]
+    diag = [r for r in results['runs'] if r.get('diagnostics') and r['cell'] in base_names(results)]
     if diag:
         write_diagnostics(diag, out_dir)
 
@@ -414,12 +427,12 @@ def write_diagnostics(runs: list, out_dir: str) -> None:
     """Table and figure of the diagnosed runs (seed 0 of the marked cells)."""
     lines = ['# Diagnostics (seed 0 of the marked cells)', '',
              'Per spiking layer: `dead` = fraction of pre-reset potentials h where the surrogate derivative '
-             'ds/dh is exactly 0 (first / last epoch); `h<-θ/2 | |h|<θ/2 | h>θ/2` = where h falls (last epoch); '
-             '`levels` = fraction of outputs at each spike value (last epoch); `|∇W|` = weight-gradient norm of '
+             'ds/dh is exactly 0 (first / last epoch); `h < -θ/2, abs(h) < θ/2, h > θ/2` = where h falls (last epoch); '
+             '`levels` = fraction of outputs at each spike value (last epoch); `‖∇W‖` = weight-gradient norm of '
              'the convolution feeding the layer (first / last epoch). Per pooling layer: share of |s| carried '
              'by negative spikes at the input / output, and the fraction of windows holding a negative spike '
              'whose output is not negative.', '',
-             '| run | layer | dead (first / last) | h<-θ/2 / |h|<θ/2 / h>θ/2 | levels | |∇W| (first / last) | '
+             '| run | layer | dead (first / last) | h < -θ/2, abs(h) < θ/2, h > θ/2 | levels | ‖∇W‖ (first / last) | '
              'pool: neg share in / out, neg dropped |',
              '|---|---|---|---|---|---|---|']
     for r in runs:
