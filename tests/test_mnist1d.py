@@ -1,9 +1,10 @@
 """MNIST-1D example and accuracy study (``examples/mnist1d.py``, ``benchmarks/accuracy_study.py``).
 
-Cost per pass on an idle 2-core CPU (one torch thread): generating the data once ~4 s; the
-accuracy run of the example's defaults (CF + TSG + PNB, 4 epochs) ~25 s; the smoke grid of the
-study (two width-4 runs of one epoch, with diagnostics) ~6 s; everything else < 1 s.
-The accuracy run is the one expensive test (``test_defaults_reach_80_percent``).
+Cost per pass (one torch thread; measured on the shared 2-core machine at load 7-10, the whole
+file 43 s with SpikingJelly 0.0.0.0.14 and 61 s with 2.0.0 at 4 epochs): generating the data once
+~3 s; the accuracy run of the example's defaults (CF + TSG + PNB, 5 epochs, ~35 s of CPU time);
+the smoke grid of the study (two width-4 runs of one epoch, with diagnostics) ~10 s; everything
+else < 1 s each. The accuracy run is the one expensive test (``test_defaults_reach_80_percent``).
 """
 import importlib.util
 import json
@@ -55,6 +56,7 @@ def test_standard_split_is_generated_offline(data_dir, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError('MNIST-1D must not be downloaded')
     monkeypatch.setattr(requests, 'get', no_network)
+    np.random.seed(123)
     state = np.random.get_state()
     d = example.generate_standard_split()
     # the caller's NumPy random state is left as it was (make_dataset seeds numpy itself)
@@ -238,7 +240,7 @@ def test_grids_hold_the_issue_cells():
 
 
 # ----------------------------------------------------------------------------------------------
-# the accuracy claim (the one expensive test: ~25 s of CPU)
+# the accuracy claim (the one expensive test: ~35 s of CPU)
 # ----------------------------------------------------------------------------------------------
 SUMMARY_KEYS = {'task', 'arch', 'neuron', 'T', 'test_acc', 'best_test_acc', 'best_epoch', 'train_acc', 'epochs',
                 'train_samples', 'test_samples', 'parameters', 'seconds_total', 'versions', 'history', 'setting',
@@ -248,17 +250,18 @@ HISTORY_KEYS = {'epoch', 'train_loss', 'train_ce', 'train_pnb', 'train_acc', 'te
 
 
 def test_defaults_reach_80_percent(data_dir, tmp_path):
-    """The example's defaults (CF + TSG + PNB 0.25, Adam) with 4 instead of 10 epochs: >= 80 %
-    (seeds 0-2 reach 8x % after 4 epochs); the summary.json schema."""
+    """The example's defaults (CF + TSG + PNB 0.25, Adam) with 5 instead of 10 epochs: >= 80 %
+    (seed 0 reaches 85.0 %, seed 1 88.0 %; 4 epochs give 81.3 % for seed 0, too close to the bar);
+    the summary.json schema."""
     out = str(tmp_path / 'run')
-    summary = _run(['--epochs', '4', '--data-dir', data_dir, '--out-dir', out, '--no-progress', '--threads', '1',
+    summary = _run(['--epochs', '5', '--data-dir', data_dir, '--out-dir', out, '--no-progress', '--threads', '1',
                     '--no-analysis'])
     assert summary['test_acc'] >= 0.80, summary['test_acc']
     with open(os.path.join(out, 'summary.json')) as f:
         stored = json.load(f)
     assert SUMMARY_KEYS <= set(stored), SUMMARY_KEYS - set(stored)
     assert stored['task'] == 'mnist1d' and stored['train_samples'] == 4000 and stored['test_samples'] == 1000
-    assert len(stored['history']) == 4 and all(HISTORY_KEYS <= set(h) for h in stored['history'])
+    assert len(stored['history']) == 5 and all(HISTORY_KEYS <= set(h) for h in stored['history'])
     assert stored['test_acc'] == stored['history'][-1]['test_acc']
     s = stored['setting']
     assert (s['neuron'], s['variant'], s['k_pos'], s['k_neg'], s['surrogate'], s['pnb'], s['pool']) == \
