@@ -50,7 +50,7 @@ __all__ = ['Task', 'add_common_arguments', 'main', 'make_neuron', 'LIFNode', 'ad
 NOISE_KINDS = ('uniform', 'salt_pepper', 'gaussian')
 # Arguments that define the model: an evaluation (--eval-only) takes them from the checkpoint.
 MODEL_ARGUMENTS = ('arch', 'width', 'T', 'neuron', 'k_pos', 'k_neg', 'tau', 'surrogate',
-                   'voting_size', 'input_size', 'zero_init_residual')
+                   'voting_size', 'input_size', 'zero_init_residual', 'pool', 'lif_reset')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,16 +99,21 @@ class LIFNode(sj_neuron.LIFNode):
         return torch.stack(spikes)
 
 
+SURROGATES = ('tsg', 'rect', 'atan', 'sigmoid')
+
+
 def make_surrogate(name: str, T: int) -> nn.Module:
     """``'tsg'`` -> ``TSG(T)`` (Eq. 15-17), ``'rect'`` -> ``CFRect()`` (Eq. 14), ``'atan'`` ->
-    SpikingJelly's ``ATan()``."""
+    SpikingJelly's ``ATan()``, ``'sigmoid'`` -> SpikingJelly's ``Sigmoid()`` (its LIF default)."""
     if name == 'tsg':
         return TSG(T)
     if name == 'rect':
         return CFRect()
     if name == 'atan':
         return sj_surrogate.ATan()
-    raise ValueError(f"surrogate must be 'tsg', 'rect' or 'atan', got {name!r}")
+    if name == 'sigmoid':
+        return sj_surrogate.Sigmoid()
+    raise ValueError(f'surrogate must be one of {SURROGATES}, got {name!r}')
 
 
 def neuron_spec(args) -> tuple:
@@ -149,7 +154,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults) -> argpars
     g.add_argument('-T', '--T', dest='T', type=int, default=10, help='time steps')
     g.add_argument('--epochs', type=int, default=400)
     g.add_argument('-b', '--batch-size', type=int, default=64, help='batch size per process')
-    g.add_argument('--lr', type=float, default=0.025, help='SGD learning rate (cosine schedule)')
+    g.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd',
+                   help="'sgd': SGD with --momentum (the paper); 'adam': Adam (betas 0.9, 0.999)")
+    g.add_argument('--lr', type=float, default=0.025, help='learning rate (cosine schedule)')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--weight-decay', type=float, default=5e-4)
     g.add_argument('--pnb', type=float, default=0.25, metavar='LAMBDA',
@@ -162,9 +169,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults) -> argpars
     n.add_argument('--k-pos', type=int, default=2, help='positive levels K_P of CF')
     n.add_argument('--k-neg', type=int, default=2, help='negative levels K_N of CF')
     n.add_argument('--tau', type=float, default=4 / 3, help='membrane time constant (decay 1 - 1/tau)')
-    n.add_argument('--surrogate', choices=('tsg', 'rect', 'atan'), default='tsg',
+    n.add_argument('--surrogate', choices=SURROGATES, default='tsg',
                    help="'tsg': time-step-wise learnable (Eq. 15-17); 'rect': CF rectangle (Eq. 14); "
-                        "'atan': SpikingJelly's ATan")
+                        "'atan', 'sigmoid': SpikingJelly's ATan, Sigmoid")
     n.add_argument('--backend', choices=spikingjelly_cf.functional.neuron.BACKENDS, default='auto',
                    help='CF kernel backend')
     r = parser.add_argument_group('running')
@@ -719,8 +726,11 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
     seed_everything(args.seed + dist_.rank)
 
     sampler, train_loader, test_loader = _loaders(train_set, test_set, args, dist_, args.batch_size)
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    if getattr(args, 'optimizer', 'sgd') == 'adam':
+        optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
     steps = args.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == 'cuda')

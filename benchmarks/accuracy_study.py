@@ -1,0 +1,557 @@
+r"""Does CF beat LIF? Variants x seeds on MNIST-1D with the same budget, table and plot.
+
+Each cell of a grid is one setting of ``examples/mnist1d.py`` (neuron, variant, K, surrogate,
+PNB, pooling, T); every cell runs for the same seeds with the same recipe (the example's
+defaults: Adam lr 0.003, cosine, 10 epochs, batch 64, width 32, T = 4). The reported accuracy is
+the test accuracy after the last epoch (no picking of the best epoch on the test set).
+
+Outputs in ``--out-dir`` (default ``benchmarks/results/<date>_<device>/``):
+``accuracy_study.json`` (every run: per-seed accuracies, times, spike rates, the grid and the
+command), ``accuracy_study.md`` (mean +- std, per-seed values), ``accuracy_study.png`` (bars with
+error bars and the seeds as dots) and, for cells marked for diagnostics,
+``accuracy_study_diagnostics.{md,png}`` (seed 0 of those cells runs with the example's
+``--diagnostics``: surrogate dead zones, potentials, spike levels, pooling, gradient norms).
+
+The study is resumable: a run whose cell and seed are already in the JSON (with the same
+arguments) is skipped, so an interrupted study continues where it stopped and a finished one
+only rewrites its table and figures.
+
+Grids (``--grid``)
+------------------
+- ``smoke``: two cells, one seed, one epoch of a width-4 network: seconds (CI).
+- ``core``: the paper's ablation at equal budget (LIF soft/hard, ST, DT, SCF, CF, CF+TSG,
+  CF+TSG+PNB) plus average pooling for LIF and CF, 3 seeds: 30 runs, 16.5 min of CPU time,
+  about 9 min with ``--jobs 2`` on an idle 2-core CPU. The committed
+  ``benchmarks/results/2026-11-30_cpu-2core/`` table.
+- ``full`` (default): ``core`` plus LIF+TSG, K = 1..4, T = 2/4/8, max vs average pooling for
+  every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds: 105 runs, about
+  40 min with ``--jobs 2`` on an idle 2-core CPU (estimated from the CPU time of ``core``;
+  T = 8 and K = 4 cost more per run).
+
+Examples
+--------
+::
+
+    python benchmarks/accuracy_study.py --grid core --jobs 2     # the committed table (30 runs)
+    python benchmarks/accuracy_study.py --grid smoke --out-dir /tmp/study
+    python benchmarks/accuracy_study.py --list                   # the cells of each grid
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, 'examples', 'mnist1d.py')
+
+RECT = ['--surrogate', 'rect', '--pnb', '0']
+
+
+def _cell(name, argv, note='', group='ablation', diagnose=False):
+    return {'name': name, 'argv': list(argv), 'note': note, 'group': group, 'diagnose': diagnose}
+
+
+#: The cells of the ``core`` grid, in table order.
+CORE_CELLS = [
+    _cell('LIF soft', ['--neuron', 'lif', '--lif-reset', 'soft'] + RECT,
+          'LIF, soft reset (subtract theta), CF rectangle surrogate', diagnose=True),
+    _cell('LIF hard', ['--neuron', 'lif', '--lif-reset', 'hard'] + RECT, 'LIF, hard reset to 0'),
+    _cell('ST', ['--variant', 'ST'] + RECT, 'CFNode 1/0 levels (= LIF soft)'),
+    _cell('DT', ['--variant', 'DT'] + RECT, 'CFNode 1/1 levels'),
+    _cell('SCF', ['--variant', 'SCF', '--K', '2'] + RECT, 'CFNode 2/0 levels', diagnose=True),
+    _cell('CF', ['--variant', 'CF', '--K', '2'] + RECT, 'CFNode 2/2 levels', diagnose=True),
+    _cell('CF+TSG', ['--variant', 'CF', '--K', '2', '--surrogate', 'tsg', '--pnb', '0'], 'CF with TSG (Eq. 15-17)'),
+    _cell('CF+TSG+PNB', ['--variant', 'CF', '--K', '2', '--surrogate', 'tsg', '--pnb', '0.25'],
+          "the paper's full method (the example's default)"),
+    _cell('LIF soft, avg pool', ['--neuron', 'lif', '--lif-reset', 'soft', '--pool', 'avg'] + RECT,
+          'average pooling', group='pooling'),
+    _cell('CF, avg pool', ['--variant', 'CF', '--K', '2', '--pool', 'avg'] + RECT, 'average pooling',
+          group='pooling', diagnose=True),
+]
+
+
+def _full_cells():
+    cells = list(CORE_CELLS)
+    names = {c['name'] for c in cells}
+
+    def add(c):
+        if c['name'] not in names:
+            cells.append(c)
+            names.add(c['name'])
+    add(_cell('LIF+TSG', ['--neuron', 'lif', '--lif-reset', 'soft', '--surrogate', 'tsg', '--pnb', '0'],
+              'LIF soft with TSG'))
+    add(_cell('SCF, avg pool', ['--variant', 'SCF', '--K', '2', '--pool', 'avg'] + RECT, 'average pooling',
+              group='pooling'))
+    add(_cell('LIF soft+sigmoid', ['--neuron', 'lif', '--lif-reset', 'soft', '--surrogate', 'sigmoid', '--pnb', '0'],
+              "SpikingJelly's default surrogate (Sigmoid, alpha 4)", group='surrogate'))
+    add(_cell('LIF hard+sigmoid', ['--neuron', 'lif', '--lif-reset', 'hard', '--surrogate', 'sigmoid', '--pnb', '0'],
+              "SpikingJelly's LIFNode defaults", group='surrogate'))
+    add(_cell('CF+sigmoid', ['--variant', 'CF', '--surrogate', 'sigmoid', '--pnb', '0'],
+              'SpikingJelly Sigmoid per level', group='surrogate'))
+    for K in (1, 3, 4):
+        add(_cell(f'SCF K={K}', ['--variant', 'SCF', '--K', str(K)] + RECT, f'CFNode {K}/0 levels', group='K'))
+        add(_cell(f'CF K={K}', ['--variant', 'CF', '--K', str(K)] + RECT, f'CFNode {K}/{K} levels', group='K'))
+    for T in (2, 8):
+        for base in ('LIF soft', 'SCF', 'CF', 'CF+TSG+PNB'):
+            c = next(c for c in CORE_CELLS if c['name'] == base)
+            add(_cell(f'{base}, T={T}', c['argv'] + ['--T', str(T)], f'T = {T}', group='T'))
+    for base in ('LIF hard', 'ST', 'DT', 'CF+TSG', 'CF+TSG+PNB', 'LIF+TSG'):
+        c = next(c for c in cells if c['name'] == base)
+        add(_cell(f'{base}, avg pool', c['argv'] + ['--pool', 'avg'], 'average pooling', group='pooling'))
+    return cells
+
+
+#: ``name -> (cells, seeds, extra example arguments)``.
+GRIDS = {
+    'smoke': ([_cell('LIF soft', ['--neuron', 'lif'] + RECT, diagnose=True),
+               _cell('CF', ['--variant', 'CF'] + RECT, diagnose=True)],
+              [0], ['--epochs', '1', '--width', '4', '--diagnostics-every', '16']),
+    'core': (CORE_CELLS, [0, 1, 2], []),
+    'full': (_full_cells(), [0, 1, 2], []),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------
+def _load_example():
+    spec = importlib.util.spec_from_file_location('mnist1d_example', EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rel(path: str) -> str:
+    """``path`` relative to the repository root when it lies inside it (no machine paths in the JSON)."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def _absolute(argv: list) -> list:
+    """``argv`` with the relative ``--out-dir`` / ``--data-dir`` made absolute (relative to the root)."""
+    argv = list(argv)
+    for flag in ('--out-dir', '--data-dir'):
+        i = argv.index(flag) + 1
+        argv[i] = os.path.join(ROOT, argv[i])
+    return argv
+
+
+def run_argv(cell, seed, extra, runs_dir, data_dir) -> list:
+    """The example's arguments for one run (paths relative to the repository root)."""
+    runs_dir, data_dir = _rel(runs_dir), _rel(data_dir)
+    out = os.path.join(runs_dir, cell['name'].replace(' ', '_').replace(',', '').replace('=', ''), f'seed{seed}')
+    argv = cell['argv'] + list(extra) + ['--seed', str(seed), '--out-dir', out, '--data-dir', data_dir,
+                                         '--no-progress', '--no-analysis', '--threads', '1']
+    if cell.get('diagnose') and seed == 0:
+        argv.append('--diagnostics')
+    return argv
+
+
+def _record(cell, seed, argv, summary, seconds) -> dict:
+    hist = summary.get('history') or []
+    rec = {'cell': cell['name'], 'seed': seed, 'argv': cell['argv'], 'run_argv': argv,
+           'test_acc': summary['test_acc'], 'best_test_acc': summary['best_test_acc'],
+           'train_acc': summary['train_acc'], 'epochs': summary['epochs'],
+           'spikes_per_neuron_step': hist[-1]['spikes_per_neuron_step'] if hist else None,
+           'test_acc_per_epoch': [h['test_acc'] for h in hist],
+           'seconds': seconds, 'cpu_seconds': summary.get('cpu_seconds_process'),
+           'setting': summary.get('setting'), 'versions': summary.get('versions')}
+    if 'diagnostics' in summary:
+        rec['diagnostics'] = summary['diagnostics']
+    return rec
+
+
+def _run_in_process(example, argv):
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        return example.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_subprocess(argv, log_path):
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    env.setdefault('OMP_NUM_THREADS', '1')
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, 'w') as log:
+        rc = subprocess.call([sys.executable, EXAMPLE] + argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             cwd=ROOT)
+    if rc != 0:
+        raise RuntimeError(f'run failed (exit {rc}), see {log_path}')
+    out_dir = argv[argv.index('--out-dir') + 1]
+    with open(os.path.join(out_dir, 'summary.json')) as f:
+        return json.load(f)
+
+
+def _write_json(obj, path):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def default_out_dir() -> str:
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        cuda = False
+    if cuda:
+        device = torch.cuda.get_device_name(0).replace(' ', '-')
+    else:
+        device = f'cpu-{os.cpu_count()}core'
+    date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
+    return os.path.join(ROOT, 'benchmarks', 'results', f'{date}_{device}')
+
+
+def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None, cells=None,
+              runs_dir: str = None, data_dir: str = None, progress: bool = True, epochs: int = None) -> dict:
+    """Run (or resume) a grid; write JSON, Markdown and figures; return the results dict.
+
+    Parameters
+    ----------
+    grid : str
+        One of :data:`GRIDS`.
+    out_dir : str
+        Folder of ``accuracy_study.*`` (default: ``benchmarks/results/<date>_<device>``).
+    jobs : int
+        Runs at a time: 1 runs the example in this process, more start subprocesses (one
+        torch thread each).
+    seeds, cells : list, optional
+        Override the grid's seeds, or keep only the cells with these names.
+    epochs : int, optional
+        Override the example's epochs (a different budget: recorded in the JSON).
+    """
+    if grid not in GRIDS:
+        raise ValueError(f'grid must be one of {tuple(GRIDS)}, got {grid!r}')
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f'jobs must be a positive int, got {jobs!r}')
+    grid_cells, grid_seeds, extra = GRIDS[grid]
+    seeds = list(grid_seeds if seeds is None else seeds)
+    if cells is not None:
+        known = [c['name'] for c in grid_cells]
+        unknown = [c for c in cells if c not in known]
+        if unknown:
+            raise ValueError(f'cells {unknown} are not in grid {grid!r}; its cells: {known}')
+        grid_cells = [c for c in grid_cells if c['name'] in cells]
+    extra = list(extra) + (['--epochs', str(epochs)] if epochs is not None else [])
+    out_dir = out_dir or default_out_dir()
+    runs_dir = runs_dir or os.path.join(ROOT, 'runs', 'accuracy_study', os.path.basename(os.path.abspath(out_dir)))
+    data_dir = data_dir or os.path.join(ROOT, 'data', 'mnist1d')
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'accuracy_study.json')
+    results = {'runs': []}
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+    done = {(r['cell'], r['seed']): r for r in results['runs']}
+    todo = []
+    for s in seeds:             # seed-major: an interrupted study has whole seeds of every cell
+        for c in grid_cells:
+            argv = run_argv(c, s, extra, runs_dir, data_dir)
+            r = done.get((c['name'], s))
+            if r is not None and r.get('run_argv', [])[:len(c['argv']) + len(extra)] == c['argv'] + extra:
+                continue
+            if r is not None:
+                print(f'[study] {c["name"]} seed {s}: arguments changed since the stored run, running it again')
+                results['runs'].remove(r)
+            todo.append((c, s, argv))
+    results.update({'grid': grid, 'seeds': seeds, 'extra_argv': extra,
+                    'cells': [{k: c[k] for k in ('name', 'argv', 'note', 'group', 'diagnose')} for c in grid_cells],
+                    'command': 'python benchmarks/accuracy_study.py ' + ' '.join(sys.argv[1:])
+                    if sys.argv and sys.argv[0].endswith('accuracy_study.py') else None})
+    results.setdefault('wall_seconds', 0.)
+    print(f'[study] grid {grid!r}: {len(grid_cells)} cells x {len(seeds)} seeds; '
+          f'{len(grid_cells) * len(seeds) - len(todo)} done, '
+          f'{len(todo)} to run ({jobs} at a time); results in {out_dir}', flush=True)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc='accuracy study', dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            bar = None
+    tic = time.time()
+
+    def finish(c, s, argv, summary, seconds):
+        rec = _record(c, s, argv, summary, seconds)
+        results['runs'].append(rec)
+        results['wall_seconds'] += time.time() - finish.last
+        finish.last = time.time()
+        _write_json(results, path)
+        msg = f'{c["name"]} seed {s}: {100 * rec["test_acc"]:.2f} % ({seconds:.0f} s)'
+        if bar is not None:
+            bar.update(1)
+            bar.write('[study] ' + msg)
+        else:
+            print('[study] ' + msg, flush=True)
+    finish.last = tic
+
+    if jobs == 1:
+        example = _load_example() if todo else None
+        for c, s, argv in todo:
+            t0 = time.time()
+            summary = _run_in_process(example, _absolute(argv))
+            finish(c, s, argv, summary, time.time() - t0)
+    elif todo:
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = {}
+            for c, s, argv in todo:
+                full = _absolute(argv)
+                log = os.path.join(full[full.index('--out-dir') + 1], 'log.txt')
+                futures[pool.submit(_timed, _run_subprocess, full, log)] = (c, s, argv)
+            for fut in as_completed(futures):
+                c, s, argv = futures[fut]
+                summary, seconds = fut.result()
+                finish(c, s, argv, summary, seconds)
+    if bar is not None:
+        bar.close()
+    results['runs'].sort(key=lambda r: ([c['name'] for c in grid_cells].index(r['cell'])
+                                        if r['cell'] in [c['name'] for c in grid_cells] else 10 ** 6, r['seed']))
+    results['machine'] = machine_info()
+    _write_json(results, path)
+    write_report(results, out_dir)
+    return results
+
+
+def _timed(fn, *args):
+    t0 = time.time()
+    return fn(*args), time.time() - t0
+
+
+def machine_info() -> dict:
+    import platform
+    info = {'cpu_count': os.cpu_count(), 'platform': platform.platform(), 'python': platform.python_version()}
+    try:
+        with open('/proc/loadavg') as f:
+            info['loadavg_at_end'] = f.read().split()[:3]
+    except OSError:  # pragma: no cover
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def aggregate(results: dict) -> list:
+    """One row per cell (in grid order): mean, std (ddof 1), per-seed test accuracies."""
+    rows = []
+    for c in results['cells']:
+        runs = sorted((r for r in results['runs'] if r['cell'] == c['name']), key=lambda r: r['seed'])
+        if not runs:
+            continue
+        acc = np.array([100 * r['test_acc'] for r in runs])
+        rows.append({'name': c['name'], 'note': c['note'], 'group': c['group'], 'n': len(runs),
+                     'mean': float(acc.mean()), 'std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.,
+                     'seeds': {r['seed']: float(100 * r['test_acc']) for r in runs},
+                     'train_acc': float(np.mean([100 * r['train_acc'] for r in runs])),
+                     'spikes': float(np.mean([r['spikes_per_neuron_step'] or 0. for r in runs])),
+                     'seconds': float(np.mean([r['seconds'] for r in runs]))})
+    return rows
+
+
+def base_names(results: dict) -> set:
+    return {c['name'] for c in results['cells']}
+
+
+def write_report(results: dict, out_dir: str) -> None:
+    rows = aggregate(results)
+    base = {r['name']: r for r in rows}.get('LIF soft')
+    lines = ['# Accuracy study on MNIST-1D', '',
+             f"Grid `{results['grid']}`: {len(rows)} cells x seeds {results['seeds']}, "
+             f"test accuracy after the last epoch, mean ± std over seeds (sample std).",
+             f"Recipe: `examples/mnist1d.py` defaults (Adam lr 0.003, cosine, batch 64, width 32, T = 4, 10 epochs) "
+             f"unless the cell says otherwise{'; extra arguments ' + repr(results['extra_argv']) if results['extra_argv'] else ''}.",
+             f"Command: `{results.get('command') or 'python benchmarks/accuracy_study.py --grid ' + results['grid']}`; "
+             f"wall time of the runs {results.get('wall_seconds', 0) / 60:.1f} min "
+             f"({results.get('machine', {}).get('cpu_count')} CPU cores).", '',
+             '| cell | setting | test acc (%) | vs LIF soft | per seed | train acc (%) | spikes/neuron/step | s/run |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        delta = f"{r['mean'] - base['mean']:+.2f}" if base is not None and r is not base else ''
+        lines.append(f"| {r['name']} | {r['note']} | {r['mean']:.2f} ± {r['std']:.2f} | {delta} | "
+                     f"{' / '.join(f'{v:.1f}' for v in r['seeds'].values())} | {r['train_acc']:.1f} | "
+                     f"{r['spikes']:.3f} | {r['seconds']:.0f} |")
+    versions = next((r.get('versions') for r in results['runs'] if r.get('versions')), None)
+    if versions:
+        lines += ['', f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}."]
+    cpu = [r['cpu_seconds'] for r in results['runs'] if r.get('cpu_seconds') and r['cell'] in base_names(results)]
+    if cpu:
+        lines += ['', f"CPU time of the {len(cpu)} runs: {sum(cpu) / 60:.1f} min in all, median {np.median(cpu):.0f} s "
+                      f"per run (one torch thread each, interpreter start-up included)."]
+    for note in results.get('notes', []):   # free text added to the JSON by hand (how the runs went)
+        lines += ['', note]
+    with open(os.path.join(out_dir, 'accuracy_study.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    plot_study(rows, os.path.join(out_dir, 'accuracy_study.png'), title=f"MNIST-1D, grid {results['grid']}")
+    diag = [r for r in results['runs'] if r.get('diagnostics') and r['cell'] in base_names(results)]
+    if diag:
+        write_diagnostics(diag, out_dir)
+
+
+def plot_study(rows: list, path: str, title: str = '') -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    colors = {'ablation': 'tab:blue', 'pooling': 'tab:orange', 'surrogate': 'tab:green', 'K': 'tab:purple',
+              'T': 'tab:brown'}
+    fig, ax = plt.subplots(figsize=(max(6., 0.55 * len(rows) + 1.5), 4.2))
+    x = np.arange(len(rows))
+    ax.bar(x, [r['mean'] for r in rows], yerr=[r['std'] for r in rows], capsize=3,
+           color=[colors.get(r['group'], 'tab:gray') for r in rows], alpha=0.75)
+    for i, r in enumerate(rows):
+        v = list(r['seeds'].values())
+        ax.plot([i] * len(v), v, 'k.', ms=4)
+    lo = min(min(r['seeds'].values()) for r in rows)
+    hi = max(max(r['seeds'].values()) for r in rows)
+    ax.set_ylim(max(0., lo - 3), min(100., hi + 2))
+    ax.set_xticks(x)
+    ax.set_xticklabels([r['name'] for r in rows], rotation=60, ha='right', fontsize=7)
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(f'{title}: mean ± std over seeds (dots: seeds)', fontsize=9)
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_diagnostics(runs: list, out_dir: str) -> None:
+    """Table and figure of the diagnosed runs (seed 0 of the marked cells)."""
+    lines = ['# Diagnostics (seed 0 of the marked cells)', '',
+             'Per spiking layer: `dead` = fraction of pre-reset potentials h where the surrogate derivative '
+             'ds/dh is exactly 0 (first / last epoch); `h < -θ/2, abs(h) < θ/2, h > θ/2` = where h falls (last epoch); '
+             '`levels` = fraction of outputs at each spike value (last epoch); `‖∇W‖` = weight-gradient norm of '
+             'the convolution feeding the layer (first / last epoch). Per pooling layer: share of |s| carried '
+             'by negative spikes at the input / output, and the fraction of windows holding a negative spike '
+             'whose output is not negative.', '',
+             '| run | layer | dead (first / last) | h < -θ/2, abs(h) < θ/2, h > θ/2 | levels | ‖∇W‖ (first / last) | '
+             'pool: neg share in / out, neg dropped |',
+             '|---|---|---|---|---|---|---|']
+    for r in runs:
+        d = r['diagnostics']
+        first, last = d['epochs'][0], d['epochs'][-1]
+        layers = list(last['spiking'])
+        convs = [n for n in last['grad_norm'] if not n.startswith('classifier')]
+        pools = list(last['pool'])
+        for i, name in enumerate(layers):
+            sp0, sp = first['spiking'][name], last['spiking'][name]
+            levels = ', '.join(f'{k}: {v:.3f}' for k, v in sp['level_fractions'].items())
+            conv = convs[i] if i < len(convs) else None
+            g = f"{first['grad_norm'][conv]:.3g} / {last['grad_norm'][conv]:.3g}" if conv else ''
+            pool = last['pool'].get(pools[i]) if i < len(pools) else None
+            p = ''
+            if pool:
+                nd = pool['neg_dropped']
+                p = f"{pool['neg_share_in']:.3f} / {pool['neg_share_out']:.3f}, " + ('–' if nd is None else f'{nd:.3f}')
+            reg = ' / '.join(f'{v:.2f}' for v in sp['h_regions'])
+            lines.append(f"| {r['cell']} ({100 * r['test_acc']:.1f} %) | {name} | "
+                         f"{sp0['zero_grad_fraction']:.3f} / {sp['zero_grad_fraction']:.3f} | {reg} | {levels} | {g} | {p} |")
+    with open(os.path.join(out_dir, 'accuracy_study_diagnostics.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    _plot_diagnostics(runs, os.path.join(out_dir, 'accuracy_study_diagnostics.png'))
+    _write_json({r['cell']: dict(r['diagnostics'], test_acc=r['test_acc']) for r in runs},
+                os.path.join(out_dir, 'accuracy_study_diagnostics.json'))
+
+
+def _plot_diagnostics(runs: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    styles = ['-', '--', ':', '-.']
+    for j, r in enumerate(runs):
+        d = r['diagnostics']
+        epochs = d['epochs']
+        xs = [e['epoch'] for e in epochs]
+        color = f'C{j}'
+        for i, name in enumerate(epochs[-1]['spiking']):
+            axes[0].plot(xs, [e['spiking'][name]['zero_grad_fraction'] for e in epochs], color=color,
+                         ls=styles[i % 4], label=f"{r['cell']} {name}" if i == 0 else None)
+        convs = [n for n in epochs[-1]['grad_norm']]
+        axes[1].plot(range(len(convs)), [np.mean([e['grad_norm'][n] for e in epochs]) for n in convs],
+                     color=color, marker='o', label=r['cell'])
+        axes[1].set_xticks(range(len(convs)))
+        axes[1].set_xticklabels([n.replace('features.', 'f.') for n in convs], fontsize=7)
+        pools = list(epochs[-1]['pool'])
+        axes[2].plot(range(len(pools)), [epochs[-1]['pool'][p]['neg_share_out'] for p in pools], color=color,
+                     marker='o', label=f"{r['cell']} out")
+        axes[2].plot(range(len(pools)), [epochs[-1]['pool'][p]['neg_share_in'] for p in pools], color=color,
+                     marker='x', ls='--', label=f"{r['cell']} in")
+        axes[2].set_xticks(range(len(pools)))
+        axes[2].set_xticklabels(pools, fontsize=7)
+        last = epochs[-1]['spiking']
+        for i, name in enumerate(last):
+            fr = last[name]['level_fractions']
+            ks = sorted(int(k) for k in fr)
+            axes[3].plot([k + 0.06 * (j - len(runs) / 2) for k in ks], [fr[str(k)] for k in ks], color=color,
+                         ls=styles[i % 4], marker='.', label=r['cell'] if i == 0 else None)
+    axes[0].set_title('fraction of h with ds/dh = 0 (line style: layer)', fontsize=9)
+    axes[0].set_xlabel('epoch')
+    axes[0].set_ylim(0, 1)
+    axes[1].set_title('weight-gradient norm per layer (mean over epochs)', fontsize=9)
+    axes[1].set_yscale('log')
+    axes[2].set_title('share of |s| in negative spikes, last epoch', fontsize=9)
+    axes[3].set_title('spike-level fractions, last epoch (line style: layer)', fontsize=9)
+    axes[3].set_yscale('log')
+    axes[3].set_xlabel('spike value')
+    for ax in axes:
+        ax.legend(fontsize=6)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--grid', choices=tuple(GRIDS), default='full', help='which grid (see the module doc)')
+    parser.add_argument('--out-dir', default=None, help='default: benchmarks/results/<date>_<device>')
+    parser.add_argument('--runs-dir', default=None, help='per-run outputs (default: runs/accuracy_study/...)')
+    parser.add_argument('--data-dir', default=None, help='MNIST-1D cache (default: data/mnist1d)')
+    parser.add_argument('--jobs', type=int, default=1, help='runs at a time (>1: subprocesses, 1 thread each)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None, help="override the grid's seeds")
+    parser.add_argument('--cells', nargs='+', default=None, help='only these cells of the grid')
+    parser.add_argument('--epochs', type=int, default=None, help="override the example's epochs")
+    parser.add_argument('--report-only', action='store_true', help='rewrite table and figures from the JSON')
+    parser.add_argument('--list', action='store_true', help='print the cells of every grid and exit')
+    parser.add_argument('--no-progress', action='store_true')
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    if args.list:
+        for name, (cells, seeds, extra) in GRIDS.items():
+            print(f'{name}: {len(cells)} cells x seeds {seeds} {extra or ""}')
+            for c in cells:
+                print(f"  {c['name']:<24} {' '.join(c['argv'])}")
+        return {}
+    if args.jobs < 1:
+        raise SystemExit(f'--jobs must be >= 1, got {args.jobs}')
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit(f'--epochs must be >= 1, got {args.epochs}')
+    if args.report_only:
+        out_dir = args.out_dir or default_out_dir()
+        with open(os.path.join(out_dir, 'accuracy_study.json')) as f:
+            results = json.load(f)
+        write_report(results, out_dir)
+        return results
+    try:
+        return run_study(args.grid, args.out_dir, args.jobs, args.seeds, args.cells, args.runs_dir, args.data_dir,
+                         progress=not args.no_progress, epochs=args.epochs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
+
+if __name__ == '__main__':
+    main()
