@@ -2,6 +2,8 @@
 
 * ``'cpp'`` (:mod:`.cpp`): compiled CPU kernel, float32, OpenMP (optional extension).
 * ``'cupy'`` (:mod:`.cupy`): CUDA kernels compiled by CuPy/NVRTC, float32/float16/bfloat16.
+* ``'inductor'`` (:mod:`.inductor`): the reference loop compiled by ``torch.compile`` (CPU and
+  CUDA, float32/float64), a bounded cache of compiled functions; never picked by ``'auto'``.
 * ``'torch'``: the pure-PyTorch reference, ``functional.neuron.cf_multi_step_ref``.
 
 Every kernel backend module exposes ``available()``, ``unavailable_reason()`` and
@@ -19,6 +21,7 @@ __all__ = ['KERNEL_BACKENDS', 'get', 'module', 'available_backends']
 KERNEL_BACKENDS = {
     'cpp': {'cpu': (torch.float32,)},
     'cupy': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
+    'inductor': {'cpu': (torch.float32, torch.float64), 'cuda': (torch.float32, torch.float64)},
 }
 
 
@@ -41,10 +44,12 @@ def get(name: str) -> Callable:
 def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
     """Backends that can run tensors of ``dtype`` on ``device_type``, fastest first.
 
-    ``'torch'`` is always last. For example ``('cpp', 'torch')`` for CPU float32 when the
-    extension is built, ``('torch',)`` for CPU float64, ``('cupy', 'torch')`` on CUDA with CuPy.
+    ``'torch'`` is always last. For example ``('cpp', 'inductor', 'torch')`` for CPU float32
+    when the extension is built and a C++ compiler is found (for ``torch.compile``),
+    ``('inductor', 'torch')`` for CPU float64, ``('cupy', 'inductor', 'torch')`` on CUDA with
+    CuPy and Triton.
 
-    >>> available_backends('cpu', torch.float64)
+    >>> available_backends('cpu', torch.float16)
     ('torch',)
     """
     device_type = torch.device(device_type).type

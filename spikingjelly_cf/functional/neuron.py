@@ -18,7 +18,7 @@ __all__ = ['cf_multi_step', 'cf_multi_step_ref', 'cf_single_step', 'BACKENDS', '
            'check_cf_parameters']
 
 #: Backend names: ``'auto'`` picks per call; ``'torch'`` is the reference.
-BACKENDS = ('auto', 'torch', 'cpp', 'cupy')
+BACKENDS = ('auto', 'torch', 'cpp', 'cupy', 'inductor')
 
 Result = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
