@@ -174,6 +174,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults) -> argpars
     r.add_argument('--amp', action='store_true',
                    help='automatic mixed precision (float16 + grad scaler on CUDA, bfloat16 on CPU)')
     r.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
+    r.add_argument('--compile', action='store_true',
+                   help='run the whole model through torch.compile (Inductor); the first steps '
+                        'of training and of evaluation compile (seconds to minutes)')
     r.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads per process (default: CPU cores / processes)')
     r.add_argument('--workers', type=int, default=0, help='data loader worker processes')
@@ -434,6 +437,7 @@ def train_one_epoch(task, model, net, loader, optimizer, scheduler, scaler, pnb,
     device = dist_.device
     rate = SpikeRate(net)
     sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, pnb (all x samples), correct, samples
+    first_loss = None
     bar = _progress(loader, dist_.is_main and not args.no_progress, desc=f'train {epoch + 1}/{args.epochs}')
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -452,6 +456,8 @@ def train_one_epoch(task, model, net, loader, optimizer, scheduler, scaler, pnb,
         scheduler.step()
         functional.reset_net(net)
         n = y.shape[0]
+        if first_loss is None:
+            first_loss = loss.item()
         sums += torch.tensor([loss.item() * n, ce.item() * n, l_pnb.item() * n,
                               (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
         if bar is not loader:
@@ -460,7 +466,7 @@ def train_one_epoch(task, model, net, loader, optimizer, scheduler, scaler, pnb,
     rate.remove()
     n = max(total[4], 1.)
     return {'loss': total[0] / n, 'ce': total[1] / n, 'pnb': total[2] / n, 'acc': total[3] / n,
-            'spikes_per_neuron_step': total[5] / max(total[6], 1.)}
+            'spikes_per_neuron_step': total[5] / max(total[6], 1.), 'first_loss': first_loss}
 
 
 @torch.no_grad()
@@ -711,6 +717,8 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
     model = net
     if dist_.enabled:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:  # the whole model (DDP included); state, checkpoints and hooks stay on net
+        model = torch.compile(model)
     seed_everything(args.seed + dist_.rank)
 
     sampler, train_loader, test_loader = _loaders(train_set, test_set, args, dist_, args.batch_size)
@@ -777,6 +785,7 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
         record = {'epoch': epoch + 1, 'train_loss': tr['loss'], 'train_ce': tr['ce'], 'train_pnb': tr['pnb'],
                   'train_acc': tr['acc'], 'test_loss': te['loss'], 'test_acc': te['acc'],
                   'spikes_per_neuron_step': tr['spikes_per_neuron_step'],
+                  'train_first_step_loss': tr['first_loss'],  # rank 0's first batch
                   'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds}
         history.append(record)
         is_best = te['acc'] > best_acc
@@ -879,7 +888,8 @@ def _evaluate_checkpoint(task: Task, args, dist_: Distributed) -> dict:
                                               num_workers=args.workers)
     kinds = args.noise or []
     levels = args.noise_levels or [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
-    clean = evaluate(task, net, net, test_loader, args, dist_)
+    model = torch.compile(net) if args.compile else net
+    clean = evaluate(task, model, net, test_loader, args, dist_)
     _log(dist_, f"checkpoint {args.checkpoint} (epoch {ckpt.get('epoch')}): test accuracy "
                 f"{100 * clean['acc']:.2f}% on {clean['samples']} samples")
     results = {}
@@ -887,7 +897,7 @@ def _evaluate_checkpoint(task: Task, args, dist_: Distributed) -> dict:
         rows = []
         for level in levels:
             generator = torch.Generator().manual_seed(args.seed * 1000 + dist_.rank)
-            r = evaluate(task, net, net, test_loader, args, dist_, noise=(kind, level, generator),
+            r = evaluate(task, model, net, test_loader, args, dist_, noise=(kind, level, generator),
                          desc=f'{kind} {level:g}')
             rows.append({'level': level, 'acc': r['acc'], 'loss': r['loss']})
         results[kind] = rows
