@@ -393,6 +393,7 @@ class SpikeRate:
         self.handles = [m.register_forward_hook(self._hook) for m in spiking_layers(net).values()]
         self.reset()
 
+    @torch.compiler.disable  # bookkeeping: under --compile a Python int here would recompile per step
     def _hook(self, module, args, output):
         if isinstance(output, torch.Tensor):
             s = output.detach().abs().sum(dtype=torch.float64)
@@ -423,6 +424,18 @@ def _progress(iterable, enabled: bool, **kwargs):
     except ImportError:  # pragma: no cover
         return iterable
     return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` of the whole model (``--compile``), with static shapes.
+
+    The PNB monitor's hooks break the graph at every CF layer (``torch.bincount`` has a
+    data-dependent size), so the layers' ``forward`` frames are compiled one by one; with
+    automatic dynamic shapes, layers of different widths sharing one ``forward`` made Dynamo
+    recompile them with symbolic sizes, which Inductor (torch 2.14) failed to lower
+    ("cannot determine truth value of Relational"). Static shapes compile once per layer shape.
+    """
+    return torch.compile(model, dynamic=False)
 
 
 def _autocast(args, device):
@@ -718,7 +731,7 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
     if dist_.enabled:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.compile:  # the whole model (DDP included); state, checkpoints and hooks stay on net
-        model = torch.compile(model)
+        model = compile_model(model)
     seed_everything(args.seed + dist_.rank)
 
     sampler, train_loader, test_loader = _loaders(train_set, test_set, args, dist_, args.batch_size)
@@ -888,7 +901,7 @@ def _evaluate_checkpoint(task: Task, args, dist_: Distributed) -> dict:
                                               num_workers=args.workers)
     kinds = args.noise or []
     levels = args.noise_levels or [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
-    model = torch.compile(net) if args.compile else net
+    model = compile_model(net) if args.compile else net
     clean = evaluate(task, model, net, test_loader, args, dist_)
     _log(dist_, f"checkpoint {args.checkpoint} (epoch {ckpt.get('epoch')}): test accuracy "
                 f"{100 * clean['acc']:.2f}% on {clean['samples']} samples")
