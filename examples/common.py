@@ -391,22 +391,26 @@ class SpikeRate:
 
     def __init__(self, net: nn.Module):
         self.handles = [m.register_forward_hook(self._hook) for m in spiking_layers(net).values()]
+        self.device = next((p.device for p in net.parameters()), torch.device('cpu'))
         self.reset()
 
-    @torch.compiler.disable  # bookkeeping: under --compile a Python int here would recompile per step
     def _hook(self, module, args, output):
         if isinstance(output, torch.Tensor):
+            # sum |s| and the element count in one tensor, no Python number that changes per
+            # step (under --compile it would be a guard, and so a recompilation per step)
             s = output.detach().abs().sum(dtype=torch.float64)
-            self.spikes = s if self.spikes is None else self.spikes + s.to(self.spikes.device)
-            self.count += output.numel()
+            self.sums = self.sums.to(s.device) + torch.stack([s, s.new_tensor(float(output.numel()))])
 
     def reset(self):
-        self.spikes = None   # a tensor on the outputs' device: no synchronisation per batch
-        self.count = 0
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # no sync per batch
 
     @property
     def total(self) -> float:
-        return 0. if self.spikes is None else float(self.spikes)
+        return float(self.sums[0])
+
+    @property
+    def count(self) -> float:
+        return float(self.sums[1])
 
     def remove(self):
         for h in self.handles:
@@ -429,11 +433,9 @@ def _progress(iterable, enabled: bool, **kwargs):
 def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile`` of the whole model (``--compile``), with static shapes.
 
-    The PNB monitor's hooks break the graph at every CF layer (``torch.bincount`` has a
-    data-dependent size), so the layers' ``forward`` frames are compiled one by one; with
-    automatic dynamic shapes, layers of different widths sharing one ``forward`` made Dynamo
-    recompile them with symbolic sizes, which Inductor (torch 2.14) failed to lower
-    ("cannot determine truth value of Relational"). Static shapes compile once per layer shape.
+    A new input shape (the evaluation batch, a smaller last batch) compiles once more instead
+    of switching to symbolic sizes: with automatic dynamic shapes, Inductor (torch 2.14) failed
+    to lower these networks ("cannot determine truth value of Relational").
     """
     return torch.compile(model, dynamic=False)
 
