@@ -229,13 +229,17 @@ def test_compiled_peer_targets_and_summary():
 
 
 def test_compiled_lif_check_against_eager():
-    """The compiled LIFNode peer is checked against the same LIFNode run eagerly (one small
-    compilation)."""
+    """The compiled-LIFNode peer is checked against the same LIFNode run eagerly. Here Dynamo
+    only (``backend='eager'``: no Inductor code generation, seconds instead of minutes); the
+    benchmark itself compiles with Inductor."""
     from spikingjelly.activation_based import neuron as sj_neuron
     from spikingjelly_cf import _compat
     bench = _load('bench_neuron')
+    kw = dict(step_mode='m', **({'backend': 'torch'} if _compat.CLASSIC else {}))
     cand = bench.Candidate('LIFNode[torch] compiled', 'LIF-compiled', 'torch',
-                           factory=bench.compiled_lif_factory(sj_neuron, _compat.CLASSIC))
+                           factory=lambda: torch.compile(sj_neuron.LIFNode(**kw), backend='eager'))
     r = bench.check_compiled_lif(cand, 2, 64, torch.device('cpu'), torch.float32)
     assert r['passed'], r
     assert r['neurons_with_spike_mismatch'] == 0 and r['grad_x_max_rel_err'] <= 1e-5
+    assert bench.is_compiled(cand)
+    assert callable(bench.compiled_lif_factory(sj_neuron, _compat.CLASSIC))
