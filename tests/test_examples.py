@@ -176,6 +176,9 @@ def test_cifar10_fake_data_one_epoch(tmp_path):
 
 
 @needs_datasets
+@pytest.mark.skipif(os.environ.get('SPIKINGJELLY_CF_SLOW_TESTS', '') in ('', '0'),
+                    reason='compiling the whole network takes minutes on a 2-core machine (more than '
+                           '20 min of wall time on a loaded one); set SPIKINGJELLY_CF_SLOW_TESTS=1')
 def test_dvs_gesture_compile_one_epoch(data_root, tmp_path):
     """``--compile``: one epoch with the whole model through ``torch.compile`` trains, and its
     first step's loss is the eager run's.
