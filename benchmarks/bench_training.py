@@ -9,14 +9,23 @@ cross-entropy of the time-averaged output, ``backward``, ``SGD.step`` and ``rese
 
 Each network is built once with ``LIFNode`` on every backend the installed SpikingJelly offers,
 and once with the same weights and ``CFNode`` (via ``spikingjelly_cf.replace_neurons``) on every
-CF backend; the fastest of each family gives the CF/LIF ratio (target: at most 1.15). Results go
-to ``<out>/<YYYY-MM-DD>_<device>/training_<tag>.{json,md,png}``.
+CF backend; the fastest of each family gives the CF/LIF ratio (target: at most 1.15).
+
+Compiled peers (``--compiled``, default on except with ``--quick``): the whole network through
+``torch.compile`` (Inductor), LIF on its ``torch`` backend (0.0.0.0.14; the default dispatch on
+2.0) and CF on the reference backend ``'torch'`` and on the default one (``'auto'``); their ratio
+(fastest compiled CF / fastest compiled LIF) is issue 9's target (at most 1.15). The first step,
+which compiles, is reported apart from the median; before timing, each compiled network's first
+loss is compared with the same network run eagerly. Results go to
+``<out>/<YYYY-MM-DD>_<device>/training_<tag>.{json,md,png}``.
 """
 import argparse
 import copy
 import importlib
+import math
 import os
 import sys
+import time
 import traceback
 import warnings
 from typing import Callable, List, Optional, Tuple
@@ -178,7 +187,18 @@ def run_network(args, device, network: str, scale: str, T: int, B: int) -> List[
     for label, extra, reason in lif_variants(device):
         variants.append(('LIF', label, extra, reason, None))
     for b in cf_backends(device, args.all_backends):
+        if b == 'inductor' and not args.compiled:
+            continue  # torch.compile of the CF loop: a compiled peer
         variants.append(('CF', f'CFNode[{b}]', {}, None, b))
+    if args.compiled:
+        from spikingjelly_cf import _compat
+        version = _compat.SPIKINGJELLY_VERSION
+        lif_extra = {'backend': 'torch'} if _compat.CLASSIC else {}
+        variants.append(('LIF-compiled', f'LIFNode[{"torch" if _compat.CLASSIC else "default"}] '
+                         f'compiled (SJ {version})', lif_extra, None, None))
+        for b in ('torch', 'auto'):
+            variants.append(('CF-compiled', f'CFNode[{b}] compiled', {}, None, b))
+    eager_first_loss = {}
     for family, label, extra, reason, cf_backend in variants:
         row = dict(network=network, variant=label, family=family, T=T, B=B)
         if reason:
@@ -188,7 +208,7 @@ def run_network(args, device, network: str, scale: str, T: int, B: int) -> List[
             continue
         try:
             torch.manual_seed(0)  # every variant starts from the same weights
-            if family == 'LIF':
+            if family in ('LIF', 'LIF-compiled'):
                 net = build_network(network, neuron.LIFNode, {**base_kwargs, **extra}, scale)
             else:
                 net = build_network(network, neuron.LIFNode, dict(base_kwargs), scale)
@@ -200,18 +220,42 @@ def run_network(args, device, network: str, scale: str, T: int, B: int) -> List[
             net = net.to(device).train()
             row['neurons'] = sum(1 for m in net.modules() if isinstance(m, neuron.BaseNode))
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-            step = make_step(net, opt, x, y)
+            compiled = family.endswith('-compiled')
+            if compiled:
+                eager_key = (family, cf_backend)
+                if eager_key not in eager_first_loss:  # the same network, eagerly: first loss
+                    eager_first_loss[eager_key] = float(make_step(
+                        copy.deepcopy(net), torch.optim.SGD([torch.zeros(1)], lr=0.0), x, y)())
+                model = torch.compile(net)
+            else:
+                model = net
+            step = make_step(model, opt, x, y)
+            common.synchronize(device)
+            t0 = time.perf_counter()
             loss = float(step())
+            common.synchronize(device)
+            first_step_s = time.perf_counter() - t0
             if not torch.isfinite(torch.tensor(loss)):
                 raise FloatingPointError(f'loss is {loss}')
             timing = common.measure(step, device, warmup=args.warmup, min_repeats=args.min_repeats,
                                     max_repeats=50, budget_s=args.budget_s)
             peak = None if args.no_memory else common.peak_memory(step, device)
-            row.update(status='ok', first_loss=loss, time_s=timing.to_dict(), peak_memory_bytes=peak)
+            row.update(status='ok', first_loss=loss, time_s=timing.to_dict(), peak_memory_bytes=peak,
+                       first_step_s=first_step_s,
+                       compile_s=max(first_step_s - timing.median, 0.0) if compiled else None)
+            if compiled:
+                ref = eager_first_loss[eager_key]
+                row['eager_first_loss'] = ref
+                row['first_loss_rel_diff'] = abs(loss - ref) / max(abs(ref), 1e-12)
+                if not math.isfinite(row['first_loss_rel_diff']) or row['first_loss_rel_diff'] > 1e-3:
+                    note(f'{network}: {label}: first loss {loss:.6g} differs from the eager '
+                         f'network\'s {ref:.6g} by more than 1e-3 relative')
             print(f'{network:<14} {label:<32} step {common.fmt_time(timing.median):>10} '
                   f'(IQR {common.fmt_time(timing.q25)}..{common.fmt_time(timing.q75)}, '
-                  f'n={timing.repeats}) peak {common.fmt_bytes(peak)}', flush=True)
-            del net, opt, step
+                  f'n={timing.repeats}) peak {common.fmt_bytes(peak)}'
+                  + (f' first step {first_step_s:.3g} s (loss {loss:.6g}, eager {ref:.6g})'
+                     if compiled else ''), flush=True)
+            del net, opt, step, model
         except Exception as exc:  # noqa: BLE001 - recorded, never dropped
             traceback.print_exc()
             msg = f'{type(exc).__name__}: {exc}'.splitlines()[0][:300]
@@ -224,16 +268,21 @@ def run_network(args, device, network: str, scale: str, T: int, B: int) -> List[
 
 
 def summarize(rows: List[dict]) -> List[dict]:
-    """Fastest CF / fastest LIF per network (same run)."""
+    """Fastest CF / fastest LIF per network (same run), eager and (when timed) compiled."""
     out = []
-    for network in dict.fromkeys(r['network'] for r in rows):
+    for network, kind in ((n, k) for n in dict.fromkeys(r['network'] for r in rows)
+                          for k in ('eager', 'compiled')):
         ok = [r for r in rows if r['network'] == network and r['status'] == 'ok']
+        suffix = '' if kind == 'eager' else '-compiled'
+        if kind == 'compiled' and not any(r['network'] == network and r['family'].endswith(suffix)
+                                          for r in rows):
+            continue
         best = {}
         for fam in ('CF', 'LIF'):
-            cands = [r for r in ok if r['family'] == fam]
+            cands = [r for r in ok if r['family'] == fam + suffix]
             if cands:
                 best[fam] = min(cands, key=lambda r: r['time_s']['median'])
-        entry = dict(network=network)
+        entry = dict(network=network, kind=kind)
         if len(best) == 2:
             ratio = best['CF']['time_s']['median'] / best['LIF']['time_s']['median']
             entry.update(cf=best['CF']['variant'], lif=best['LIF']['variant'], cf_over_lif=ratio,
@@ -254,10 +303,11 @@ def markdown_report(payload) -> str:
               f'warm-up. Peak memory: {payload["memory_method"]}.', '']
     if payload['notes']:
         lines += ['## Notes', ''] + [f'- {n}' for n in payload['notes']] + ['']
-    lines += ['## CF / LIF (fastest backend of each, same run)', '']
+    lines += ['## CF / LIF (fastest backend of each, same run; eager and whole-network compiled)',
+              '']
     lines.append(common.markdown_table(
-        ['network', 'CF', 'LIF', 'CF time / LIF time', 'target', 'verdict'],
-        [[s['network'], s.get('cf', ''), s.get('lif', ''),
+        ['network', 'kind', 'CF', 'LIF', 'CF time / LIF time', 'target', 'verdict'],
+        [[s['network'], s.get('kind', 'eager'), s.get('cf', ''), s.get('lif', ''),
           f'{s["cf_over_lif"]:.3g}' if 'cf_over_lif' in s else s.get('reason', ''),
           f'<= {RATIO_TARGET}', common.verdict(s.get('passed'))] for s in payload['summary']]))
     lines += ['', '## All variants', '']
@@ -272,6 +322,19 @@ def markdown_report(payload) -> str:
             rows.append([r['network'], r['variant'], r['status'], r.get('reason', ''), '', ''])
     lines.append(common.markdown_table(['network', 'variant', 'median (ms)', 'IQR (ms)', 'n',
                                         'peak memory'], rows))
+    compiled = [r for r in payload['results'] if r['status'] == 'ok' and r.get('compile_s') is not None]
+    if compiled:
+        lines += ['', '## Compiled variants: first step (compilation) and first loss vs eager', '',
+                  'The first step compiles the forward and backward graphs; "compile" is first '
+                  'step minus the median. "eager first loss" is the same network (same weights) '
+                  'run without torch.compile.', '']
+        lines.append(common.markdown_table(
+            ['network', 'variant', 'first step (s)', 'compile (s)', 'median step (ms)',
+             'first loss', 'eager first loss', 'rel. diff'],
+            [[r['network'], r['variant'], f'{r["first_step_s"]:.3g}', f'{r["compile_s"]:.3g}',
+              f'{r["time_s"]["median"] * 1e3:.4g}', f'{r["first_loss"]:.6g}',
+              f'{r["eager_first_loss"]:.6g}', f'{r["first_loss_rel_diff"]:.2e}']
+             for r in compiled]))
     return '\n'.join(lines) + '\n'
 
 
@@ -285,13 +348,15 @@ def plot(payload, path):
         sub = [r for r in ok if r['network'] == network]
         labels = [r['variant'].replace(' (SJ ', '\n(SJ ') for r in sub]
         vals = [r['time_s']['median'] * 1e3 for r in sub]
-        colors = ['tab:blue' if r['family'] == 'CF' else 'tab:orange' for r in sub]
+        colors = [{'CF': 'tab:blue', 'LIF': 'tab:orange', 'CF-compiled': 'tab:cyan',
+                   'LIF-compiled': 'tab:red'}.get(r['family'], 'grey') for r in sub]
         ax.bar(range(len(sub)), vals, color=colors)
         ax.set_xticks(range(len(sub)))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_ylabel('median step time (ms)')
-        summary = next((s for s in payload['summary'] if s['network'] == network), {})
-        ratio = f', CF/LIF {summary["cf_over_lif"]:.3g}' if 'cf_over_lif' in summary else ''
+        ratio = ''.join(f', {s.get("kind", "eager")} CF/LIF {s["cf_over_lif"]:.3g}'
+                        for s in payload['summary']
+                        if s['network'] == network and 'cf_over_lif' in s)
         ax.set_title(f'{network}{ratio}', fontsize=9)
         ax.grid(True, axis='y', alpha=0.3)
     meta = payload['meta']
@@ -316,6 +381,10 @@ def parse_args(argv=None):
     p.add_argument('--min-repeats', type=int, default=None)
     p.add_argument('--budget-s', type=float, default=None)
     p.add_argument('--no-memory', action='store_true')
+    p.add_argument('--compiled', dest='compiled', action='store_true', default=None,
+                   help='also time whole networks through torch.compile (default: yes, except '
+                        'with --quick)')
+    p.add_argument('--no-compiled', dest='compiled', action='store_false')
     p.add_argument('--all-backends', action='store_true',
                    help="also time CFNode's pure-PyTorch reference backend")
     return p.parse_args(argv)
@@ -331,6 +400,8 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.min_repeats = args.min_repeats or (3 if args.quick else 5)
     args.budget_s = args.budget_s if args.budget_s is not None else (0.2 if args.quick else 5.0)
+    if args.compiled is None:
+        args.compiled = not args.quick
     meta = common.environment(device)
     tag = args.tag or f'sj{meta["spikingjelly"]}'
     print(f'training benchmark [{tag}]: {meta["device_label"]}, torch {meta["torch"]}, SpikingJelly '
@@ -349,6 +420,7 @@ def main(argv=None) -> int:
         command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), meta=meta,
         config=dict(device=str(device), networks=args.networks, T=T, B=B, scale=scale,
                     warmup=args.warmup, min_repeats=args.min_repeats, budget_s=args.budget_s,
+                    compiled=args.compiled,
                     neuron='LIFNode(tau=2, detach_reset=True, ATan); CFNode via replace_neurons '
                            '(tau=2 taken from the LIF, K=2, CFRect)',
                     optimizer='SGD(lr=0.01, momentum=0.9)'),
@@ -365,7 +437,7 @@ def main(argv=None) -> int:
     print('\n=== CF / LIF training step, fastest backend of each, same run ===')
     for s in payload['summary']:
         if 'cf_over_lif' in s:
-            print(f'{common.verdict(s["passed"]):<4} {s["network"]}: {s["cf"]} / {s["lif"]} = '
+            print(f'{common.verdict(s["passed"]):<4} {s["network"]} ({s.get("kind")}): {s["cf"]} / {s["lif"]} = '
                   f'{s["cf_over_lif"]:.3g} (target <= {RATIO_TARGET})')
         else:
             print(f'n/a  {s["network"]}: {s["reason"]}')

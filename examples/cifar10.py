@@ -30,6 +30,7 @@ Examples
     python examples/cifar10.py -T 4                      # the paper's recipe (400 epochs)
     python examples/cifar10.py --fake-data --epochs 1    # smoke test without the dataset
     torchrun --nproc_per_node 4 examples/cifar10.py -T 2 -b 32
+    python examples/cifar10.py --compile --backend torch # whole model through torch.compile
 """
 import argparse
 import os

@@ -181,6 +181,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults) -> argpars
     r.add_argument('--amp', action='store_true',
                    help='automatic mixed precision (float16 + grad scaler on CUDA, bfloat16 on CPU)')
     r.add_argument('--device', default=None, help="default: 'cuda' if available, else 'cpu'")
+    r.add_argument('--compile', action='store_true',
+                   help='run the whole model through torch.compile (Inductor); the first steps '
+                        'of training and of evaluation compile (seconds to minutes)')
     r.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads per process (default: CPU cores / processes)')
     r.add_argument('--workers', type=int, default=0, help='data loader worker processes')
@@ -395,21 +398,26 @@ class SpikeRate:
 
     def __init__(self, net: nn.Module):
         self.handles = [m.register_forward_hook(self._hook) for m in spiking_layers(net).values()]
+        self.device = next((p.device for p in net.parameters()), torch.device('cpu'))
         self.reset()
 
     def _hook(self, module, args, output):
         if isinstance(output, torch.Tensor):
+            # sum |s| and the element count in one tensor, no Python number that changes per
+            # step (under --compile it would be a guard, and so a recompilation per step)
             s = output.detach().abs().sum(dtype=torch.float64)
-            self.spikes = s if self.spikes is None else self.spikes + s.to(self.spikes.device)
-            self.count += output.numel()
+            self.sums = self.sums.to(s.device) + torch.stack([s, s.new_tensor(float(output.numel()))])
 
     def reset(self):
-        self.spikes = None   # a tensor on the outputs' device: no synchronisation per batch
-        self.count = 0
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # no sync per batch
 
     @property
     def total(self) -> float:
-        return 0. if self.spikes is None else float(self.spikes)
+        return float(self.sums[0])
+
+    @property
+    def count(self) -> float:
+        return float(self.sums[1])
 
     def remove(self):
         for h in self.handles:
@@ -429,6 +437,16 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
 
 
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` of the whole model (``--compile``), with static shapes.
+
+    A new input shape (the evaluation batch, a smaller last batch) compiles once more instead
+    of switching to symbolic sizes: with automatic dynamic shapes, Inductor (torch 2.14) failed
+    to lower these networks ("cannot determine truth value of Relational").
+    """
+    return torch.compile(model, dynamic=False)
+
+
 def _autocast(args, device):
     if not args.amp:
         return contextlib.nullcontext()
@@ -441,6 +459,7 @@ def train_one_epoch(task, model, net, loader, optimizer, scheduler, scaler, pnb,
     device = dist_.device
     rate = SpikeRate(net)
     sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, pnb (all x samples), correct, samples
+    first_loss = None
     bar = _progress(loader, dist_.is_main and not args.no_progress, desc=f'train {epoch + 1}/{args.epochs}')
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -459,6 +478,8 @@ def train_one_epoch(task, model, net, loader, optimizer, scheduler, scaler, pnb,
         scheduler.step()
         functional.reset_net(net)
         n = y.shape[0]
+        if first_loss is None:
+            first_loss = loss.item()
         sums += torch.tensor([loss.item() * n, ce.item() * n, l_pnb.item() * n,
                               (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
         if bar is not loader:
@@ -467,7 +488,7 @@ def train_one_epoch(task, model, net, loader, optimizer, scheduler, scaler, pnb,
     rate.remove()
     n = max(total[4], 1.)
     return {'loss': total[0] / n, 'ce': total[1] / n, 'pnb': total[2] / n, 'acc': total[3] / n,
-            'spikes_per_neuron_step': total[5] / max(total[6], 1.)}
+            'spikes_per_neuron_step': total[5] / max(total[6], 1.), 'first_loss': first_loss}
 
 
 @torch.no_grad()
@@ -723,6 +744,8 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
     model = net
     if dist_.enabled:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:  # the whole model (DDP included); state, checkpoints and hooks stay on net
+        model = compile_model(model)
     seed_everything(args.seed + dist_.rank)
 
     sampler, train_loader, test_loader = _loaders(train_set, test_set, args, dist_, args.batch_size)
@@ -792,6 +815,7 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
         record = {'epoch': epoch + 1, 'train_loss': tr['loss'], 'train_ce': tr['ce'], 'train_pnb': tr['pnb'],
                   'train_acc': tr['acc'], 'test_loss': te['loss'], 'test_acc': te['acc'],
                   'spikes_per_neuron_step': tr['spikes_per_neuron_step'],
+                  'train_first_step_loss': tr['first_loss'],  # rank 0's first batch
                   'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds}
         history.append(record)
         is_best = te['acc'] > best_acc
@@ -894,7 +918,8 @@ def _evaluate_checkpoint(task: Task, args, dist_: Distributed) -> dict:
                                               num_workers=args.workers)
     kinds = args.noise or []
     levels = args.noise_levels or [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
-    clean = evaluate(task, net, net, test_loader, args, dist_)
+    model = compile_model(net) if args.compile else net
+    clean = evaluate(task, model, net, test_loader, args, dist_)
     _log(dist_, f"checkpoint {args.checkpoint} (epoch {ckpt.get('epoch')}): test accuracy "
                 f"{100 * clean['acc']:.2f}% on {clean['samples']} samples")
     results = {}
@@ -902,7 +927,7 @@ def _evaluate_checkpoint(task: Task, args, dist_: Distributed) -> dict:
         rows = []
         for level in levels:
             generator = torch.Generator().manual_seed(args.seed * 1000 + dist_.rank)
-            r = evaluate(task, net, net, test_loader, args, dist_, noise=(kind, level, generator),
+            r = evaluate(task, model, net, test_loader, args, dist_, noise=(kind, level, generator),
                          desc=f'{kind} {level:g}')
             rows.append({'level': level, 'acc': r['acc'], 'loss': r['loss']})
         results[kind] = rows

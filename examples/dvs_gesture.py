@@ -48,6 +48,7 @@ Examples
     python examples/dvs_gesture.py --data-dir data/DVS128Gesture -T 10 --width 64 \
         --epochs 200 -b 16                                 # the paper's setting, real data
     torchrun --nproc_per_node 2 examples/dvs_gesture.py   # data-parallel
+    python examples/dvs_gesture.py --compile --backend torch   # whole model through torch.compile
     python examples/dvs_gesture.py --eval-only --checkpoint runs/.../checkpoints/best.pt \
         --noise uniform salt_pepper gaussian --noise-levels 0 0.1 0.2 0.4
 """

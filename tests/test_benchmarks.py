@@ -263,3 +263,46 @@ def test_protocol_quick(protocol_run):
         for q in twice:  # (the Linear's weight is a constant part)
             assert q['saved_bytes'] > r['saved_bytes']
     assert 'Saved bytes per neuron-step' in markdown and 'peers found' in markdown
+
+
+def test_compiled_peer_targets_and_summary():
+    """Issue 9's ratios from synthetic rows: CF default vs compiled LIF / CFNode[inductor]
+    (training is the target, inference for information) and the compiled network ratio."""
+    bench = _load('bench_neuron')
+
+    def row(name, family, backend, t, mode='training', default=False):
+        return dict(candidate=name, family=family, backend=backend, default=default, mode=mode,
+                    dtype='float32', T=8, N=2 ** 20, status='ok', time_s={'median': t})
+    for mode, passed in (('training', [True, False]), ('inference', [None, None])):
+        rows = [row('CFNode[cpp]', 'CF', 'cpp', 1.0, mode, True),
+                row('CFNode[inductor]', 'CF', 'inductor', 0.8, mode),
+                row('LIFNode[torch] compiled (SJ x)', 'LIF-compiled', 'torch', 1.25, mode)]
+        out = bench.compiled_targets(rows, rows[0], 'float32', mode, 8, 2 ** 20, 'here')
+        assert [t['value'] for t in out] == pytest.approx([0.8, 1.25])
+        assert [t['threshold'] for t in out] == [bench.COMPILED_LIF_TARGET, bench.INDUCTOR_TARGET]
+        assert [t['passed'] for t in out] == passed
+    training = _load('bench_training')
+    rows = [dict(network='n', variant=v, family=f, status='ok', time_s={'median': t})
+            for v, f, t in (('CF', 'CF', 2.0), ('LIF', 'LIF', 1.0), ('CF c', 'CF-compiled', 1.1),
+                            ('LIF c', 'LIF-compiled', 1.0))]
+    summary = {s['kind']: s for s in training.summarize(rows)}
+    assert summary['eager']['cf_over_lif'] == pytest.approx(2.0) and not summary['eager']['passed']
+    assert summary['compiled']['cf_over_lif'] == pytest.approx(1.1) and summary['compiled']['passed']
+    assert summary['compiled']['cf'] == 'CF c'
+
+
+def test_compiled_lif_check_against_eager():
+    """The compiled-LIFNode peer is checked against the same LIFNode run eagerly. Here Dynamo
+    only (``backend='eager'``: no Inductor code generation, seconds instead of minutes); the
+    benchmark itself compiles with Inductor."""
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly_cf import _compat
+    bench = _load('bench_neuron')
+    kw = dict(step_mode='m', **({'backend': 'torch'} if _compat.CLASSIC else {}))
+    cand = bench.Candidate('LIFNode[torch] compiled', 'LIF-compiled', 'torch',
+                           factory=lambda: torch.compile(sj_neuron.LIFNode(**kw), backend='eager'))
+    r = bench.check_compiled_lif(cand, 2, 64, torch.device('cpu'), torch.float32)
+    assert r['passed'], r
+    assert r['neurons_with_spike_mismatch'] == 0 and r['grad_x_max_rel_err'] <= 1e-5
+    assert bench.is_compiled(cand)
+    assert callable(bench.compiled_lif_factory(sj_neuron, _compat.CLASSIC))

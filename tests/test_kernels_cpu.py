@@ -188,8 +188,10 @@ def test_non_contiguous_input_and_trailing_shape():
 
 
 def test_dispatcher_picks_cpp_for_cpu_float32():
-    assert backends.available_backends('cpu', torch.float32) == ('cpp', 'torch')
-    assert backends.available_backends('cpu', torch.float64) == ('torch',)
+    # 'inductor' (torch.compile of the reference loop) is listed but never picked by 'auto'
+    assert backends.available_backends('cpu', torch.float32) in (('cpp', 'torch'),
+                                                                 ('cpp', 'inductor', 'torch'))
+    assert backends.available_backends('cpu', torch.float64) in (('torch',), ('inductor', 'torch'))
     assert backends.get('cpp') is cpp.cf_multi_step_cpp
     before = cpp.launch_count
     x = torch.randn(4, 7, requires_grad=True)

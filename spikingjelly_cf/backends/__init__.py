@@ -5,6 +5,8 @@
 * ``'cupy'`` (:mod:`.cupy`): CUDA kernels compiled by CuPy/NVRTC, float32/float16/bfloat16.
 * ``'triton'`` (:mod:`.triton`): Triton kernels, CUDA, float32/float16/bfloat16 (CPU tensors in
   Triton's interpreter with ``TRITON_INTERPRET=1``, a test mode that ``'auto'`` never picks).
+* ``'inductor'`` (:mod:`.inductor`): the reference loop compiled by ``torch.compile`` (CPU and
+  CUDA, float32/float64), a bounded cache of compiled functions; never picked by ``'auto'``.
 
 The fused kernels are ``torch.library`` custom ops (:mod:`._ops`). Every backend module exposes
 ``available()``, ``unavailable_reason()`` and ``cf_multi_step_<name>(...)`` with the signature of
@@ -16,14 +18,15 @@ from typing import Callable, Tuple
 
 import torch
 
-__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'unavailable_reason', 'available_backends',
-           'kernel_dtypes']
+__all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'unavailable_reason',
+           'available_backends', 'kernel_dtypes']
 
 #: Kernel backends and the dtypes each runs, per device type.
 KERNEL_BACKENDS = {
     'cpp': {'cpu': (torch.float32,)},
     'cupy': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
     'triton': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
+    'inductor': {'cpu': (torch.float32, torch.float64), 'cuda': (torch.float32, torch.float64)},
 }
 
 #: The order in which ``backend='auto'`` tries the kernel backends, per device type (the first
@@ -35,7 +38,8 @@ AUTO_ORDER = {
     'cuda': ('cupy', 'triton'),
 }
 
-_MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy', 'triton': 'triton'}
+_MODULES = {'torch': 'reference', 'cpp': 'cpp', 'cupy': 'cupy', 'triton': 'triton',
+            'inductor': 'inductor'}
 
 from .reference import cf_multi_step_ref  # noqa: E402  (the reference is always loaded)
 
@@ -101,10 +105,12 @@ def _triton_interpreted() -> bool:
 def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) -> Tuple[str, ...]:
     """Backends that can run tensors of ``dtype`` on ``device_type``, in ``'auto'``'s order.
 
-    ``'torch'`` is always last. For example ``('cpp', 'torch')`` for CPU float32 when the
-    extension is built, ``('torch',)`` for CPU float64, ``('cupy', 'torch')`` on CUDA with CuPy.
+    ``'torch'`` is always last. For example ``('cpp', 'inductor', 'torch')`` for CPU float32
+    when the extension is built and a C++ compiler is found (for ``torch.compile``),
+    ``('inductor', 'torch')`` for CPU float64, ``('cupy', 'inductor', 'torch')`` on CUDA with
+    CuPy and Triton.
 
-    >>> available_backends('cpu', torch.float64)
+    >>> available_backends('cpu', torch.float16)
     ('torch',)
     """
     device_type = torch.device(device_type).type

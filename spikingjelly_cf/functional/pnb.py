@@ -150,7 +150,10 @@ class _PNBStatistics(torch.autograd.Function):
         n = 2 * K + 1
         sums = torch.stack([h.new_zeros(n).index_add_(0, idx, h * w),
                             h.new_zeros(n).index_add_(0, idx, w),
-                            torch.bincount(idx, minlength=n).to(h.dtype)], 1)  # [2K+1, 3]
+                            # counts: index_add of int64 ones is exact like bincount and, with
+                            # its static size, traceable by torch.compile (no graph break)
+                            torch.zeros(n, dtype=torch.int64, device=h.device).index_add_(
+                                0, idx, torch.ones_like(idx)).to(h.dtype)], 1)  # [2K+1, 3]
         ctx.save_for_backward(h, idx, w)
         ctx.levels = (a, b, K)
         # rows K+1..2K are U+_1..U+_K; rows K-1..0 are U-_1..U-_K
