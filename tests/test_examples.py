@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from spikingjelly_cf import _compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, 'examples')
@@ -208,19 +209,18 @@ def test_dvs_interrupted_integration_is_rebuilt(tmp_path):
     assert x.shape == (3, 2, 128, 128) and 0 <= target < 11
 
 
-@pytest.mark.skipif(os.environ.get('SPIKINGJELLY_CF_SLOW_TESTS', '') in ('', '0'),
-                    reason='compiling the whole network takes minutes on a 2-core machine (more than '
-                           '20 min of wall time on a loaded one); set SPIKINGJELLY_CF_SLOW_TESTS=1')
+@pytest.mark.skipif(not _compat.CLASSIC,
+                    reason='one pass is enough: compiling the whole network takes about 2 minutes of '
+                           'CPU; the SpikingJelly 0.0.0.0.14 pass runs it (tests/test_compile.py '
+                           'covers the CF node under torch.compile on both lines)')
 def test_dvs_gesture_compile_one_epoch(data_root, tmp_path):
     """``--compile``: one epoch with the whole model through ``torch.compile`` trains, and its
     first step's loss is the eager run's.
 
-    Runs with ``--backend torch`` (CFNode's pure-PyTorch loop, which Dynamo traces); the default
-    backend's fused kernel becomes traceable with the custom ops of issue 9, after which this test
-    should pass without ``--backend torch`` too.
+    The default backend: the fused ``cpp`` kernel is a ``torch.library`` op inside the graph.
     """
     args = TINY[:TINY.index('--epochs')] + ['--epochs', '1'] + TINY[TINY.index('--epochs') + 2:] + [
-        '--synthetic-root', data_root, '--no-analysis', '--backend', 'torch']
+        '--synthetic-root', data_root, '--no-analysis']
     eager = _run_in_process('dvs_gesture', args + ['--out-dir', str(tmp_path / 'eager')])
     compiled = _run_in_process('dvs_gesture', args + ['--out-dir', str(tmp_path / 'compiled'),
                                                       '--compile'])
