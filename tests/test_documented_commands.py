@@ -75,6 +75,9 @@ NEURON_TINY = ('--quick --device cpu --T 4 --log2n 10 --only CFNode --no-memory 
                '--warmup 1 --min-repeats 1 --out {tmp}')
 TRAINING_TINY = ('--quick --device cpu --networks dvs-vgg --no-memory --budget-s 0.01 --warmup 1 '
                  '--min-repeats 1 --out {tmp}')
+# the protocol's quickest sweep: the CPU kernel and SpikingJelly's LIF only (peers, if installed,
+# would take minutes), no long-T sweep
+PROTOCOL_TINY = '--quick --no-long-T --only "cpp]" LIFNode --out {tmp}'
 _SETUP = 'the setup itself: every CI run executes it first (scripts/test.sh -> scripts/setup_env.sh)'
 _PIP = ('installs into the user\'s environment; scripts/setup_env.sh installs the package the same '
         'way (pip install --no-deps --no-build-isolation -e .) in every CI run')
@@ -86,6 +89,11 @@ COMMANDS = {
     'bash scripts/test.sh': skip('the test suite itself (CI runs it: .ci/run)'),
     'bash scripts/run_dvs_gesture.sh': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json'),
     'bash scripts/run_dvs_gesture.sh --sj2': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh --sj2 {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json', needs='.venv-sj2'),
+    'python benchmarks/accuracy_study.py --grid core --jobs 2': smoke('python benchmarks/accuracy_study.py --grid smoke --jobs 1 --out-dir {tmp}/study --runs-dir {tmp}/runs --data-dir {tmp}/data --no-progress', creates='{tmp}/study/accuracy_study.json'),
+    'python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1': smoke('python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1 --epochs 1 --width 4 --threads 1 --no-progress --data-dir {tmp}/data --out-dir {tmp}/run', creates='{tmp}/run/summary.json'),
+    'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj2.0.0.json'),
+    'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj0.0.0.0.14.json'),
+    'pip install .[benchmarks]': skip('optional peers (snnTorch, Norse) for the benchmarks; bench_protocol.py runs without them and says which it found'),
     'bash benchmarks/gpu_check.sh': skip('needs a CUDA GPU with CuPy (nvidia-smi); CI has none'),
     'pip install .': skip(_PIP),
     'pip install .[cuda12]': skip('needs CUDA (cupy-cuda12x); CI has no GPU'),
