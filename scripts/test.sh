@@ -2,7 +2,10 @@
 # Set up the environments (scripts/setup_env.sh --sj2-full) and run the tests in three passes:
 #   1. .venv                            torch 2.14.1, SpikingJelly 0.0.0.0.14: the whole suite
 #   2. .venv, PYTHONPATH=.venv/sj/2.0.0  torch 2.14.1, SpikingJelly 2.0.0 (neuron API only, no
-#                                        torchaudio): the whole suite; the DVS example's tests skip
+#                                        torchaudio): the whole suite but the tests marked one_pass
+#                                        (independent of the SpikingJelly line and expensive: the
+#                                        Triton interpreter grid, the inductor backend, nvcc);
+#                                        the DVS example's tests skip
 #   3. .venv-sj2                        SpikingJelly 2.0.0 as `pip install spikingjelly` gives it
 #                                        (torch 2.9.1, torchaudio 2.9): PASS3_TESTS below, i.e. what
 #                                        needs spikingjelly.datasets plus the core kernel and neuron
@@ -53,7 +56,7 @@ for p in $PASSES; do
     2) run_pass "2 (torch 2.14.1, SpikingJelly 2.0.0 without its dependencies)" \
          PYTHONPATH="$VENV/sj/2.0.0" SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 \
          SPIKINGJELLY_CF_SKIP_DOC_SMOKE=1 -- \
-         "$VENV/bin/python" -m pytest -q "$@" ;;
+         "$VENV/bin/python" -m pytest -q -m "not one_pass" "$@" ;;
     3) run_pass "3 (torch 2.9.1, SpikingJelly 2.0.0 with its dependencies)" \
          PYTHONPATH= SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.9.1 SPIKINGJELLY_CF_EXPECT_DATASETS=1 -- \
          "$VENV_SJ2/bin/python" -m pytest -q "${PASS3_TESTS[@]}" "$@" ;;

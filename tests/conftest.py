@@ -34,6 +34,11 @@ def _expectation_errors():
 
 
 def pytest_configure(config):
+    # one_pass: a test that needs to run in only one pass of scripts/test.sh (expensive and
+    # independent of the SpikingJelly line: the Triton interpreter grid, the inductor backend,
+    # nvcc). scripts/test.sh deselects it in pass 2 with -m "not one_pass".
+    config.addinivalue_line('markers', 'one_pass: run in one pass of scripts/test.sh only (pass 2 '
+                                       'deselects it)')
     errors = _expectation_errors()
     if errors:
         raise pytest.UsageError('wrong test environment: ' + '; '.join(errors))
@@ -78,3 +83,4 @@ _hyp_settings.register_profile('ci', derandomize=True, max_examples=30, deadline
 _hyp_settings.register_profile('dev', max_examples=150, deadline=None, print_blob=True,
                                suppress_health_check=[HealthCheck.too_slow])
 _hyp_settings.load_profile('ci')  # --hypothesis-profile=NAME (hypothesis' own option) overrides
+

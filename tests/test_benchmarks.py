@@ -203,6 +203,7 @@ def test_flexsn_cf_core_matches_reference(k_pos, k_neg):
     torch.testing.assert_close(grad, grad_ref)
 
 
+@pytest.mark.one_pass  # the GPU script's benchmark on the CPU: nothing SpikingJelly-specific
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     """benchmarks/gpu_bench.py (the GPU script's benchmark) runs end to end on a tiny CPU case
     and writes its JSON and Markdown; gpu_check.sh parses (bash -n)."""

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.one_pass  # compiles CUDA source: nothing in it depends on SpikingJelly
+
 from spikingjelly_cf.backends.source import (DTYPES, KINDS, NVRTC_OPTIONS, cuda_source,
                                              kernel_names)
 

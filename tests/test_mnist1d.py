@@ -249,6 +249,7 @@ HISTORY_KEYS = {'epoch', 'train_loss', 'train_ce', 'train_pnb', 'train_acc', 'te
                 'spikes_per_neuron_step', 'lr', 'seconds'}
 
 
+@pytest.mark.one_pass  # 30-40 s; the smoke grid runs the example on every pass
 def test_defaults_reach_80_percent(data_dir, tmp_path):
     """The example's defaults (CF + TSG + PNB 0.25, Adam) with 5 instead of 10 epochs: >= 80 %
     (seed 0 reaches 85.0 %, seed 1 88.0 %; 4 epochs give 81.3 % for seed 0, too close to the bar);

@@ -35,8 +35,8 @@ from test_kernels_cpu import assert_close, configs, make_surrogate  # the cpp ke
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-pytestmark = pytest.mark.filterwarnings(  # NumPy in the interpreter: exp overflow to inf etc.
-    'ignore:overflow encountered:RuntimeWarning', 'ignore:invalid value encountered:RuntimeWarning')
+pytestmark = [pytest.mark.one_pass, pytest.mark.filterwarnings(  # NumPy in the interpreter: exp overflow to inf etc.
+    'ignore:overflow encountered:RuntimeWarning', 'ignore:invalid value encountered:RuntimeWarning')]
 
 
 @pytest.fixture(scope='module', autouse=True)
