@@ -3,8 +3,8 @@
 #   1. .venv                            torch 2.14.1, SpikingJelly 0.0.0.0.14: the whole suite
 #   2. .venv, PYTHONPATH=.venv/sj/2.0.0  torch 2.14.1, SpikingJelly 2.0.0 (neuron API only, no
 #                                        torchaudio): the whole suite but the tests marked one_pass
-#                                        (independent of the SpikingJelly line and expensive: the
-#                                        Triton interpreter grid, the inductor backend, nvcc);
+#                                        (independent of the SpikingJelly line and expensive: nvcc,
+#                                        the MNIST-1D accuracy run, the GPU benchmark's CPU smoke);
 #                                        the DVS example's tests skip
 #   3. .venv-sj2                        SpikingJelly 2.0.0 as `pip install spikingjelly` gives it
 #                                        (torch 2.9.1, torchaudio 2.9): PASS3_TESTS below, i.e. what

@@ -35,8 +35,8 @@ def _expectation_errors():
 
 def pytest_configure(config):
     # one_pass: a test that needs to run in only one pass of scripts/test.sh (expensive and
-    # independent of the SpikingJelly line: the Triton interpreter grid, the inductor backend,
-    # nvcc). scripts/test.sh deselects it in pass 2 with -m "not one_pass".
+    # independent of the SpikingJelly line: nvcc, the MNIST-1D accuracy run, the GPU benchmark's
+    # CPU smoke run). scripts/test.sh deselects it in pass 2 with -m "not one_pass".
     config.addinivalue_line('markers', 'one_pass: run in one pass of scripts/test.sh only (pass 2 '
                                        'deselects it)')
     errors = _expectation_errors()

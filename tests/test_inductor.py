@@ -23,8 +23,7 @@ from spikingjelly_cf.backends import inductor
 from spikingjelly_cf.functional.neuron import cf_multi_step, cf_multi_step_ref, resolve_backend
 from spikingjelly_cf.surrogate import TSG, CFRect
 
-pytestmark = [pytest.mark.one_pass,
-              pytest.mark.skipif(not inductor.available(),
+pytestmark = [pytest.mark.skipif(not inductor.available(),
                                  reason=f'inductor unavailable: {inductor.unavailable_reason()}')]
 
 RTOL = 1e-5

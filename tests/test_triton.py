@@ -35,7 +35,7 @@ from test_kernels_cpu import assert_close, configs, make_surrogate  # the cpp ke
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-pytestmark = [pytest.mark.one_pass, pytest.mark.filterwarnings(  # NumPy in the interpreter: exp overflow to inf etc.
+pytestmark = [pytest.mark.filterwarnings(  # NumPy in the interpreter: exp overflow to inf etc.
     'ignore:overflow encountered:RuntimeWarning', 'ignore:invalid value encountered:RuntimeWarning')]
 
 
