@@ -209,6 +209,42 @@ def test_dvs_interrupted_integration_is_rebuilt(tmp_path):
     assert x.shape == (3, 2, 128, 128) and 0 <= target < 11
 
 
+@needs_datasets
+@pytest.mark.skipif(not _compat.CLASSIC, reason='SpikingJelly 2.0 collects its workers\' errors itself')
+def test_dvs_lost_integration_worker_is_redone(tmp_path, monkeypatch):
+    """SpikingJelly 0.0.0.0.14 drops the exception of a failing integration thread, leaving a
+    frames file (here a whole class folder) out; the example integrates what is missing again."""
+    import threading
+    from spikingjelly import datasets as sjds
+    from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
+    from spikingjelly_cf.datasets import synthetic_gesture as sg
+    dvs = _load_example('dvs_gesture')
+    root = str(tmp_path / 'set')
+    sg.write_synthetic_gesture(root, n_train_per_class=1, n_test_per_class=1, events=(300, 400), n_steps=16)
+    real, calls = sjds.integrate_events_file_to_frames_file_by_fixed_frames_number, []
+
+    def flaky(loader, events_np_file, output_dir, *args, **kwargs):
+        calls.append((events_np_file, threading.current_thread() is threading.main_thread()))
+        if os.sep + os.path.join('train', '10') + os.sep in events_np_file and not calls[-1][1]:
+            raise OSError('simulated lost worker')
+        return real(loader, events_np_file, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number', flaky)
+    sets = dvs._integrate(root, 3, DVS128Gesture, verbose=False)
+    redone = [f for f, main in calls if main]
+    assert len(redone) == 1 and os.sep + os.path.join('train', '10') + os.sep in redone[0]
+    assert len(sets['train']) == len(sets['test']) == 11
+    assert dvs._count_files(dvs._frames_dir(root, 3)) == dvs._count_files(os.path.join(root, 'events_np'))
+    assert sorted(int(t) for _, t in sets['train'].samples) == list(range(11))
+    # a persistent failure is not hidden: the real error comes out of the serial pass
+    monkeypatch.setattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number',
+                        lambda *a, **k: (_ for _ in ()).throw(OSError('disk on fire')))
+    root2 = str(tmp_path / 'set2')
+    sg.write_synthetic_gesture(root2, n_train_per_class=1, n_test_per_class=1, events=(300, 400), n_steps=16)
+    with pytest.raises(OSError, match='disk on fire'):
+        dvs._integrate(root2, 3, DVS128Gesture, verbose=False)
+
+
 @pytest.mark.skipif(not _compat.CLASSIC,
                     reason='one pass is enough: compiling the whole network takes about 2 minutes of '
                            'CPU; the SpikingJelly 0.0.0.0.14 pass runs it (tests/test_compile.py '
