@@ -622,31 +622,21 @@ def evaluate_targets(cfg: Config, rows: List[dict], per_step: List[dict]) -> Lis
         cf = _time(rows, lambda r: r['n'] == n and r['family'] == 'CF' and r['default']
                    and r['surrogate'] == 'TSG' and r['memory_mode'] == 'normal')
         lif = [r for r in rows if r['n'] == n and r['family'] == 'LIF' and r.get('status') == 'ok']
+        peers = [r for r in rows if r['n'] == n and r['family'] == 'peer' and r.get('status') == 'ok']
         lin = _time(rows, lambda r: r['n'] == n and r['family'] == 'linear')
-        if lif:
-            best = min(lif, key=lambda r: r['time_s']['median'])
+        for group, label, bound in ((lif, 'fastest {}', TARGET_VS_LIF),
+                                    (peers, 'fastest peer ({})', TARGET_VS_PEERS)):
+            if not group:
+                continue
+            best = min(group, key=lambda r: r['time_s']['median'])
             ratio = cf / best['time_s']['median'] if cf else None
             neuron_ratio = None
             if cf and lin is not None and best['time_s']['median'] > lin:
                 neuron_ratio = (cf - lin) / (best['time_s']['median'] - lin)
-            out.append(dict(target=f'CF default TSG / fastest {best["candidate"]} <= '
-                                   f'{TARGET_VS_LIF}',
+            out.append(dict(target=f'CF default TSG / {label.format(best["candidate"])} <= {bound}',
                             n=n, T=cfg.T, measured=ratio, neuron_only_ratio=neuron_ratio,
                             passed=None if ratio is None or cfg.T != TARGET_T or n not in TARGET_NS
-                            else ratio <= TARGET_VS_LIF))
-        peers = [r for r in rows
-                 if r['n'] == n and r['family'] == 'peer' and r.get('status') == 'ok']
-        if peers:
-            best = min(peers, key=lambda r: r['time_s']['median'])
-            ratio = cf / best['time_s']['median'] if cf else None
-            neuron_ratio = None
-            if cf and lin is not None and best['time_s']['median'] > lin:
-                neuron_ratio = (cf - lin) / (best['time_s']['median'] - lin)
-            out.append(dict(target=f'CF default TSG / fastest peer ({best["candidate"]}) <= '
-                                   f'{TARGET_VS_PEERS}',
-                            n=n, T=cfg.T, measured=ratio, neuron_only_ratio=neuron_ratio,
-                            passed=None if ratio is None or cfg.T != TARGET_T or n not in TARGET_NS
-                            else ratio <= TARGET_VS_PEERS))
+                            else ratio <= bound))
     lean = [r for r in per_step if r.get('memory_mode') == 'lean' and 'bytes_per_neuron_step' in r]
     if lean:
         key = 'neuron_step_bytes_per_neuron_step'

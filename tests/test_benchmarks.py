@@ -307,3 +307,33 @@ def test_compiled_lif_check_against_eager():
     assert r['neurons_with_spike_mismatch'] == 0 and r['grad_x_max_rel_err'] <= 1e-5
     assert bench.is_compiled(cand)
     assert callable(bench.compiled_lif_factory(sj_neuron, _compat.CLASSIC))
+
+
+def test_protocol_targets_from_rows():
+    """``evaluate_targets``: the ratio is CF's median over the fastest LIF / peer of the same n,
+    the neuron-only ratio subtracts the Linear layer, and only the target's T and n pass/fail."""
+    bp = _load('bench_protocol')
+    cfg = bp.Config(device=torch.device('cpu'), ns=[512, 1024], T=bp.TARGET_T, batch=16, long_Ts=[],
+                    long_n=512, long_n_reference=512, per_step_T=8, slow_s=1.0, long_backends=None,
+                    warmup=1, repeats=1, max_call_s=1.0, quick=True, only=None)
+
+    def row(n, family, t, candidate, **kw):
+        return dict(n=n, family=family, candidate=candidate, status='ok', time_s={'median': t},
+                    default=kw.get('default', False), surrogate=kw.get('surrogate', ''),
+                    memory_mode=kw.get('memory_mode', 'normal'))
+
+    rows = [row(512, 'CF', 3.0, 'CF', default=True, surrogate='TSG'),
+            row(512, 'LIF', 12.0, 'LIF slow'), row(512, 'LIF', 10.0, 'LIF fast'),
+            row(512, 'peer', 5.0, 'snnTorch'), row(512, 'linear', 2.0, 'Linear'),
+            row(1024, 'CF', 4.0, 'CF', default=True, surrogate='TSG'),
+            row(1024, 'LIF', 8.0, 'LIF fast')]
+    out = bp.evaluate_targets(cfg, rows, [])
+    by = {(o['n'], o['target'].split(' / ')[1].split(' <=')[0]): o for o in out}
+    assert len(out) == 3
+    lif = by[(512, 'fastest LIF fast')]
+    assert lif['measured'] == pytest.approx(0.3) and lif['neuron_only_ratio'] == pytest.approx(1 / 8)
+    assert lif['passed'] is True
+    peer = by[(512, 'fastest peer (snnTorch)')]
+    assert peer['measured'] == pytest.approx(0.6) and peer['neuron_only_ratio'] == pytest.approx(1 / 3)
+    assert peer['passed'] is False
+    assert by[(1024, 'fastest LIF fast')]['passed'] is None   # 1024 is not a target size

@@ -352,6 +352,21 @@ CF_ALWAYS_INLINE const float *cf_h_row(const cf_bwd_args *a, int64_t off, int64_
     return hd;
 }
 
+/* Memory-lean CFRect, one step of a block: the window codes stand in for h (same arithmetic). */
+CF_ALWAYS_INLINE void cf_backward_row_code(const unsigned char *restrict ct,
+                                           const float *restrict gst, const float *restrict gvt,
+                                           const float *restrict ght, const float al,
+                                           const cf_params *q, const int64_t nb,
+                                           float *restrict gxt, float *restrict carry)
+{
+    int64_t i;
+    for (i = 0; i < nb; ++i) {
+        const cf_bwd_out o = cf_backward_step_code(ct[i], gst[i], carry[i] + gvt[i], ght[i], al, q);
+        gxt[i] = o.grad_x;
+        carry[i] = o.grad_v_prev;
+    }
+}
+
 /* Compile-time kind, K_P, K_N: cf_backward_step per neuron, one pass per step. */
 CF_ALWAYS_INLINE void cf_backward_block_fixed(const int kind, const int kp, const int kn,
                                               const cf_bwd_args *a, const cf_params *p,
@@ -373,13 +388,7 @@ CF_ALWAYS_INLINE void cf_backward_block_fixed(const int kind, const int kp, cons
         float ga = 0.0f;
         const float *restrict ht;
         if (kind == CF_RECT && a->code_seq) { /* memory-lean CFRect: from the window codes */
-            const unsigned char *restrict ct = a->code_seq + off;
-            for (i = 0; i < nb; ++i) {
-                const cf_bwd_out o = cf_backward_step_code(ct[i], gst[i], carry[i] + gvt[i],
-                                                           ght[i], al, &q);
-                gxt[i] = o.grad_x;
-                carry[i] = o.grad_v_prev;
-            }
+            cf_backward_row_code(a->code_seq + off, gst, gvt, ght, al, &q, nb, gxt, carry);
             continue;
         }
         ht = cf_h_row(a, off, nb, hd);
@@ -432,13 +441,7 @@ CF_ALWAYS_INLINE void cf_backward_block_any(const int kind, const cf_bwd_args *a
         float ga = 0.0f;
         const float *restrict ht;
         if (kind == CF_RECT && a->code_seq) { /* memory-lean CFRect: from the window codes */
-            const unsigned char *restrict ct = a->code_seq + off;
-            for (i = 0; i < nb; ++i) {
-                const cf_bwd_out o = cf_backward_step_code(ct[i], gst[i], carry[i] + gvt[i],
-                                                           ght[i], al, &q);
-                gxt[i] = o.grad_x;
-                carry[i] = o.grad_v_prev;
-            }
+            cf_backward_row_code(a->code_seq + off, gst, gvt, ght, al, &q, nb, gxt, carry);
             continue;
         }
         ht = cf_h_row(a, off, nb, hd);
