@@ -69,6 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
 from spikingjelly.activation_based import functional, layer  # noqa: E402
+from spikingjelly_cf.datasets.synthetic_gesture import redo_missing_frames  # noqa: E402
 
 NUM_CLASSES = 11
 #: Class names of the real DVS128 Gesture set, by folder label.
@@ -193,36 +194,6 @@ def _count_files(path: str) -> int:
     return sum(len(files) for _, _, files in os.walk(path))
 
 
-def _complete_frames(root: str, T: int, DVS128Gesture) -> None:
-    """Integrate, one by one in this thread, every events file whose frames file is missing.
-
-    SpikingJelly 0.0.0.0.14 integrates in a ``ThreadPoolExecutor`` and never collects the futures,
-    so a worker that fails leaves its frames file out without a word (seen once in CI: a class
-    folder of the test split empty, and ``DatasetFolder`` then refusing the split). Redoing the
-    missing files here makes a transient failure harmless and a persistent one raise its real
-    error. SpikingJelly 2.0 collects its futures, so there this finds nothing to do."""
-    from spikingjelly import datasets as sjds
-    integrate = getattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number', None)
-    events, frames = os.path.join(root, 'events_np'), _frames_dir(root, T)
-    missing = []
-    for dirpath, _, files in os.walk(events):
-        out_dir = os.path.join(frames, os.path.relpath(dirpath, events))
-        missing += [(os.path.join(dirpath, f), out_dir) for f in files
-                    if not os.path.isfile(os.path.join(out_dir, f))]
-    if not missing:
-        return
-    if integrate is None:
-        raise RuntimeError(f'{len(missing)} events file(s) of {events} have no frames file in {frames} '
-                           f'after SpikingJelly integrated them (e.g. {missing[0][0]}); delete {frames} '
-                           'and run again')
-    print(f'[data] SpikingJelly left {len(missing)} frames file(s) out; integrating them again',
-          file=sys.stderr)
-    H, W = DVS128Gesture.get_H_W()
-    for events_file, out_dir in missing:
-        os.makedirs(out_dir, exist_ok=True)
-        integrate(DVS128Gesture.load_events_np, events_file, out_dir, 'number', T, H, W)
-
-
 def _integrate(root: str, T: int, DVS128Gesture, verbose: bool):
     """``DVS128Gesture`` train and test frame sets; SpikingJelly integrates the events on first use.
 
@@ -252,7 +223,7 @@ def _integrate(root: str, T: int, DVS128Gesture, verbose: bool):
                 raise
             train = None
         if built:
-            _complete_frames(root, T, DVS128Gesture)
+            redo_missing_frames(root, T, DVS128Gesture)  # 0.0.0.0.14 may lose a worker's file
         sets = {'train': train if train is not None else build('train'), 'test': build('test')}
     if built and verbose:
         print(f'[data] SpikingJelly integrated the events of {root} into {T} frames per sample in '

@@ -124,7 +124,7 @@ __all__ = [
     'CLASS_NAMES', 'LOADER_CLASS_NAMES', 'NUM_CLASSES', 'H', 'W', 'VERSION', 'MARKER',
     'DEFAULT_TRAIN_PER_CLASS', 'DEFAULT_TEST_PER_CLASS',
     'generate_sample', 'render_events', 'write_synthetic_gesture', 'is_complete',
-    'frames_by_number', 'integrate_frames',
+    'frames_by_number', 'integrate_frames', 'redo_missing_frames',
     'loader_target_to_label', 'main',
 ]
 
@@ -693,6 +693,46 @@ def integrate_frames(root: str, frames_number: int, verbose: bool = False) -> st
     if verbose:
         print(f'integrated {len(rel)} samples into [{out}] in {time.time() - tic:.1f} s')
     return out
+
+
+def redo_missing_frames(root: str, frames_number: int, DVS128Gesture=None) -> int:
+    """Integrate again, one by one in this thread, every events file of ``root`` whose
+    SpikingJelly frames file (``frames_number_T_split_by_number``) is missing; return how many.
+
+    SpikingJelly 0.0.0.0.14 integrates in a ``ThreadPoolExecutor`` and never collects the
+    futures, so a worker that fails leaves its frames file out without a word (seen once in CI:
+    a class folder of the test split empty, and ``DatasetFolder`` then refusing the split). Call
+    this right after SpikingJelly built the folder: a transient failure becomes harmless, a
+    persistent one raises its real error here. SpikingJelly 2.0 collects its futures, so there
+    it finds nothing to do (and refuses with a ``RuntimeError`` if it ever did).
+    """
+    import importlib
+    sjds = importlib.import_module('spikingjelly.datasets')
+    if DVS128Gesture is None:
+        DVS128Gesture = importlib.import_module('spikingjelly.datasets.dvs128_gesture').DVS128Gesture
+    events = os.path.join(root, 'events_np')
+    frames = os.path.join(root, f'frames_number_{frames_number}_split_by_number')
+    missing = []
+    for dirpath, _, files in os.walk(events):
+        out_dir = os.path.join(frames, os.path.relpath(dirpath, events))
+        missing += [(os.path.join(dirpath, f), out_dir) for f in sorted(files)
+                    if not os.path.isfile(os.path.join(out_dir, f))]
+    if not missing:
+        return 0
+    integrate = getattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number', None)
+    if integrate is None:
+        raise RuntimeError(f'{len(missing)} events file(s) of {events} have no frames file in {frames} '
+                           f'after SpikingJelly integrated them (e.g. {missing[0][0]}); delete {frames} '
+                           'and run again')
+    import sys
+    print(f'[data] SpikingJelly left {len(missing)} frames file(s) out; integrating them again',
+          file=sys.stderr)
+    height, width = DVS128Gesture.get_H_W()
+    for events_file, out_dir in missing:
+        os.makedirs(out_dir, exist_ok=True)
+        integrate(DVS128Gesture.load_events_np, events_file, out_dir, 'number', frames_number,
+                  height, width)
+    return len(missing)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
