@@ -107,6 +107,24 @@ static int cf_parallel_blocks(int64_t N, int64_t B, int num_threads, cf_block_bo
     int64_t b;
     if (num_threads < 1)
         num_threads = 1;
+    if ((int64_t)num_threads > nblocks)
+        num_threads = (int)(nblocks > 0 ? nblocks : 1);
+    if (num_threads == 1) {
+        /* no team for a single block: starting one costs more than small layers take, and on a
+         * busy machine the idle thread's join can wait a whole scheduler time slice */
+        float *work;
+        if (nblocks == 0)
+            return 0;
+        work = (float *)malloc((size_t)(CF_SCRATCH_ARRAYS * B) * sizeof(float));
+        if (!work)
+            return -1;
+        for (b = 0; b < nblocks; ++b) {
+            const int64_t n0 = b * B;
+            body(ctx, b, n0, (N - n0) < B ? (N - n0) : B, work);
+        }
+        free(work);
+        return 0;
+    }
 #pragma omp parallel num_threads(num_threads)
     {
         float *work = (float *)malloc((size_t)(CF_SCRATCH_ARRAYS * B) * sizeof(float));
