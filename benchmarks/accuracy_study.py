@@ -21,18 +21,18 @@ Grids (``--grid``)
 - ``smoke``: two cells, one seed, one epoch of a width-4 network: seconds (CI).
 - ``core``: the paper's ablation at equal budget (LIF soft/hard, ST, DT, SCF, CF, CF+TSG,
   CF+TSG+PNB) plus average pooling for LIF and CF, 3 seeds: 30 runs, 16.5 min of CPU time,
-  about 9 min with ``--jobs 2`` on an idle 2-core CPU. The committed
-  ``benchmarks/results/2026-11-30_cpu-2core/`` table.
+  about 9 min with ``--jobs 2`` on an idle 2-core CPU (the first 10 rows of the committed table).
 - ``full`` (default): ``core`` plus LIF+TSG, K = 1..4, T = 2/4/8, max vs average pooling for
-  every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds: 105 runs, about
-  40 min with ``--jobs 2`` on an idle 2-core CPU (estimated from the CPU time of ``core``;
-  T = 8 and K = 4 cost more per run).
+  every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds: 105 runs, 62 min of
+  CPU time, about 35 min with ``--jobs 2`` on an idle 2-core CPU (measured: the 73 runs beyond
+  ``core`` took 25.7 min). The committed ``benchmarks/results/2026-11-30_cpu-2core/`` table.
 
 Examples
 --------
 ::
 
-    python benchmarks/accuracy_study.py --grid core --jobs 2     # the committed table (30 runs)
+    python benchmarks/accuracy_study.py --jobs 2                 # the committed table (105 runs)
+    python benchmarks/accuracy_study.py --grid core --jobs 2     # its first 10 rows (30 runs)
     python benchmarks/accuracy_study.py --grid smoke --out-dir /tmp/study
     python benchmarks/accuracy_study.py --list                   # the cells of each grid
 """

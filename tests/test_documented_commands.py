@@ -90,6 +90,7 @@ COMMANDS = {
     'bash scripts/run_dvs_gesture.sh': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json'),
     'bash scripts/run_dvs_gesture.sh --sj2': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh --sj2 {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json', needs='.venv-sj2'),
     'python benchmarks/accuracy_study.py --grid core --jobs 2': smoke('python benchmarks/accuracy_study.py --grid smoke --jobs 1 --out-dir {tmp}/study --runs-dir {tmp}/runs --data-dir {tmp}/data --no-progress', creates='{tmp}/study/accuracy_study.json'),
+    'python benchmarks/accuracy_study.py --jobs 2': skip('the --grid core row runs the same script on its smoke grid'),
     'python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1': smoke('python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1 --epochs 1 --width 4 --threads 1 --no-progress --data-dir {tmp}/data --out-dir {tmp}/run', creates='{tmp}/run/summary.json'),
     'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj2.0.0.json'),
     'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj0.0.0.0.14.json'),
