@@ -33,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+import statistics
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -711,12 +712,55 @@ def time_case(cfg, cands, modules, mode, dtype, T, N, last, skipped) -> List[dic
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
         rows.append(row)
+    if target_case:
+        head_to_head(cfg, cands, modules, rows, mode, dtype, x, grad_out, label)
     # fraction of the copy bandwidth reached by each candidate (same bytes, same run)
     copy_row = next((r for r in rows if r['family'] == 'copy' and r['status'] == 'ok'), None)
     for r in rows:
         if copy_row is not None and r['status'] == 'ok' and r['family'] != 'copy':
             r['copy_bandwidth_fraction'] = copy_row['time_s']['median'] / r['time_s']['median']
     return rows
+
+
+def head_to_head(cfg, cands, modules, rows, mode, dtype, x, grad_out, label) -> None:
+    """CF default and the compiled LIFNode timed alternately, call by call (issue 9's ratio).
+
+    On the CPU a [T=8, N=2^20] step is dominated by first-touching freshly allocated outputs,
+    and whether glibc hands out fresh pages drifts with the allocator's state: two sequential
+    runs of this benchmark gave CF / compiled LIF = 1.10 and 0.53. Alternating the two (who goes
+    first alternates too) exposes both to the same state; the ratio of their medians is stored
+    on the CF row as ``interleaved_vs_compiled_lif`` and used for the target.
+    """
+    ok = {r['candidate'] for r in rows if r.get('status') == 'ok'}
+    cf = next((c for c in cands if c.family == 'CF' and c.default and c.name in ok), None)
+    lif = next((c for c in cands if c.family == 'LIF-compiled' and c.name in ok), None)
+    if cf is None or lif is None or (cf.name, dtype) not in modules or (lif.name, dtype) not in modules:
+        return
+    calls = []
+    for c in (cf, lif):
+        modules[(c.name, dtype)].reset()
+        calls.append(make_call(c, modules[(c.name, dtype)], mode, x, grad_out))
+    for call in calls + calls:   # warm-up, both
+        call()
+    common.synchronize(cfg.device)
+    times = ([], [])
+    began = time.perf_counter()
+    rounds = 0
+    while rounds < 60 and (rounds < max(cfg.min_repeats, 10) or time.perf_counter() - began < 2 * cfg.budget_s):
+        for i in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            calls[i]()
+            common.synchronize(cfg.device)
+            times[i].append(time.perf_counter() - t0)
+        rounds += 1
+    med = [statistics.median(t) for t in times]
+    result = dict(other=lif.name, rounds=rounds, cf_median_s=med[0], other_median_s=med[1],
+                  ratio=med[0] / med[1],
+                  ratio_per_round_median=statistics.median(a / b for a, b in zip(*times)))
+    cf_row = next(r for r in rows if r['candidate'] == cf.name)
+    cf_row['interleaved_vs_compiled_lif'] = result
+    print(f'{label:<34} {"interleaved: " + cf.name + " / " + lif.name:<36} {result["ratio"]:.3g} '
+          f'({common.fmt_time(med[0])} vs {common.fmt_time(med[1])}, {rounds} rounds)', flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,9 +848,15 @@ def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
         if other is None or other is cf:
             continue
         ratio = cf['time_s']['median'] / other['time_s']['median']
+        how = ''
+        inter = cf.get('interleaved_vs_compiled_lif')
+        if inter and inter['other'] == other['candidate']:
+            how = (f', timed alternately ({inter["rounds"]} rounds; one after the other: '
+                   f'{ratio:.3g})')
+            ratio = inter['ratio']
         stated = mode == 'training'
         out.append(dict(target=(f'{mode}: {cf["candidate"]} time <= {threshold:g}x '
-                                f'{other["candidate"]} (issue 9)'
+                                f'{other["candidate"]} (issue 9{how})'
                                 + ('' if stated else ' (not a stated target; for information)')),
                         where=where, value=ratio, threshold=threshold,
                         passed=(ratio <= threshold) if stated else None,

@@ -198,6 +198,8 @@ def run_network(args, device, network: str, scale: str, T: int, B: int) -> List[
                          f'compiled (SJ {version})', lif_extra, None, None))
         for b in ('torch', 'auto'):
             variants.append(('CF-compiled', f'CFNode[{b}] compiled', {}, None, b))
+    if args.only:
+        variants = [v for v in variants if v[1] in args.only or v[0] in args.only]
     eager_first_loss = {}
     for family, label, extra, reason, cf_backend in variants:
         row = dict(network=network, variant=label, family=family, T=T, B=B)
@@ -385,6 +387,9 @@ def parse_args(argv=None):
                    help='also time whole networks through torch.compile (default: yes, except '
                         'with --quick)')
     p.add_argument('--no-compiled', dest='compiled', action='store_false')
+    p.add_argument('--only', nargs='+', default=None,
+                   help="run only these variants: a family (LIF, CF, LIF-compiled, CF-compiled) or "
+                        "a label as printed (e.g. 'CFNode[auto] compiled')")
     p.add_argument('--all-backends', action='store_true',
                    help="also time CFNode's pure-PyTorch reference backend")
     return p.parse_args(argv)

@@ -337,3 +337,46 @@ def test_protocol_targets_from_rows():
     assert peer['measured'] == pytest.approx(0.6) and peer['neuron_only_ratio'] == pytest.approx(1 / 3)
     assert peer['passed'] is False
     assert by[(1024, 'fastest LIF fast')]['passed'] is None   # 1024 is not a target size
+
+
+def test_head_to_head_alternates_and_sets_the_target():
+    """bench_neuron's issue-9 ratio: CF default and the compiled LIF are timed alternately and the
+    target uses that ratio (the sequential one is kept in the target's text)."""
+    bn = _load('bench_neuron')
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly_cf import neuron
+    order = []
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, tag, inner):
+            super().__init__()
+            self.tag, self.inner = tag, inner
+
+        def forward(self, x):
+            order.append(self.tag)
+            return self.inner(x)
+
+        def reset(self):
+            self.inner.reset()
+
+    cf = bn.Candidate('CFNode[cpp]', 'CF', 'cpp', default=True)
+    lif = bn.Candidate('LIF compiled', 'LIF-compiled', 'torch')
+    modules = {(cf.name, torch.float32): Tagged('cf', neuron.CFNode(step_mode='m', backend='cpp')),
+               (lif.name, torch.float32): Tagged('lif', sj_neuron.LIFNode(step_mode='m'))}
+    cfg = bn.Config(device=torch.device('cpu'), dtypes=[torch.float32], Ts=[4], Ns=[64],
+                    modes=['training'], warmup=1, min_repeats=3, budget_s=0.01, max_call_s=1.0,
+                    memory=False, check_N=64, quick=True, only=None)
+    x = torch.randn(4, 64)
+    rows = [dict(candidate=c.name, family=c.family, backend=c.backend, default=c.default,
+                 mode='training', dtype='float32', T=4, N=64, status='ok', time_s={'median': t})
+            for c, t in ((cf, 2.0), (lif, 1.0))]
+    bn.head_to_head(cfg, [cf, lif], modules, rows, 'training', torch.float32, x, torch.randn(4, 64), '')
+    res = rows[0]['interleaved_vs_compiled_lif']
+    assert res['rounds'] >= 10 and res['other'] == lif.name
+    assert res['ratio'] == pytest.approx(res['cf_median_s'] / res['other_median_s'])
+    timed = order[4:]   # after two warm-up calls of each
+    assert len(timed) == 2 * res['rounds']
+    assert timed[:4] == ['cf', 'lif', 'lif', 'cf']   # who goes first alternates
+    (target,) = [t for t in bn.compiled_targets(rows, rows[0], 'float32', 'training', 4, 64, 'here')
+                 if 'LIF compiled' in t['target']]
+    assert target['value'] == res['ratio'] and 'one after the other: 2' in target['target']
