@@ -241,7 +241,10 @@ def run_network(args, device, network: str, scale: str, T: int, B: int) -> List[
                 raise FloatingPointError(f'loss is {loss}')
             timing = common.measure(step, device, warmup=args.warmup, min_repeats=args.min_repeats,
                                     max_repeats=50, budget_s=args.budget_s)
-            peak = None if args.no_memory else common.peak_memory(step, device)
+            # the CPU tracker is a TorchDispatchMode, which torch.compile refuses to run under
+            traced = compiled or cf_backend == 'inductor'
+            peak = (None if args.no_memory or (traced and device.type != 'cuda')
+                    else common.peak_memory(step, device))
             row.update(status='ok', first_loss=loss, time_s=timing.to_dict(), peak_memory_bytes=peak,
                        first_step_s=first_step_s,
                        compile_s=max(first_step_s - timing.median, 0.0) if compiled else None)
