@@ -706,10 +706,6 @@ def redo_missing_frames(root: str, frames_number: int, DVS128Gesture=None) -> in
     persistent one raises its real error here. SpikingJelly 2.0 collects its futures, so there
     it finds nothing to do (and refuses with a ``RuntimeError`` if it ever did).
     """
-    import importlib
-    sjds = importlib.import_module('spikingjelly.datasets')
-    if DVS128Gesture is None:
-        DVS128Gesture = importlib.import_module('spikingjelly.datasets.dvs128_gesture').DVS128Gesture
     events = os.path.join(root, 'events_np')
     frames = os.path.join(root, f'frames_number_{frames_number}_split_by_number')
     missing = []
@@ -717,8 +713,12 @@ def redo_missing_frames(root: str, frames_number: int, DVS128Gesture=None) -> in
         out_dir = os.path.join(frames, os.path.relpath(dirpath, events))
         missing += [(os.path.join(dirpath, f), out_dir) for f in sorted(files)
                     if not os.path.isfile(os.path.join(out_dir, f))]
-    if not missing:
-        return 0
+    if not missing:   # the usual case: nothing imported (SpikingJelly 2.0's spikingjelly.datasets
+        return 0      # needs torchaudio, which its DVS128Gesture module does not)
+    import importlib
+    sjds = importlib.import_module('spikingjelly.datasets')
+    if DVS128Gesture is None:
+        DVS128Gesture = importlib.import_module('spikingjelly.datasets.dvs128_gesture').DVS128Gesture
     integrate = getattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number', None)
     if integrate is None:
         raise RuntimeError(f'{len(missing)} events file(s) of {events} have no frames file in {frames} '
