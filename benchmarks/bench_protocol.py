@@ -36,7 +36,8 @@ Before timing, every CF candidate is checked against the pure-PyTorch reference 
 network: spikes, input gradient, weight gradient and TSG's parameter gradient.
 
 Results: ``<out>/<YYYY-MM-DD>_<device>/protocol_<tag>.{json,md,png}``. ``--quick`` runs a tiny
-sweep (seconds; ``tests/test_benchmarks.py`` runs it).
+sweep (seconds; ``tests/test_benchmarks.py`` runs it) without the ``inductor`` backend, whose
+compiles would take minutes with a cold cache (name it in ``--only`` to include it).
 """
 import argparse
 import inspect
@@ -48,7 +49,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as common  # noqa: E402  (puts the repository root on sys.path)
@@ -283,7 +284,8 @@ def cf_candidate(backend: str, surrogate: str, default: bool, memory: str = 'nor
                      memory_mode=memory, default=default)
 
 
-def build_candidates(device: torch.device, only: Optional[List[str]] = None) -> List[Candidate]:
+def build_candidates(device: torch.device, only: Optional[List[str]] = None,
+                     skip: Sequence[str] = ()) -> List[Candidate]:
     from spikingjelly.activation_based import neuron as sj_neuron
     from spikingjelly_cf import _compat
     version = _compat.SPIKINGJELLY_VERSION
@@ -292,6 +294,8 @@ def build_candidates(device: torch.device, only: Optional[List[str]] = None) -> 
     backends, default = cf_backends(device)
     lean = cf_supports_memory()
     for b in backends:
+        if b in skip:
+            continue
         for sg in ('CFRect', 'TSG'):
             out.append(cf_candidate(b, sg, default=(b == default)))
             if lean and cf_supports_memory(b):
@@ -835,9 +839,19 @@ def main(argv=None) -> int:
         T, long_Ts, long_n = args.T, args.long_T or [8, 64, 500], args.long_n
         batch, repeats, warmup = args.batch, args.repeats, args.warmup
         long_n_ref, per_step_T = args.long_n_reference, args.per_step_T
+    skip = ()
+    if args.quick and not any('inductor' in o for o in args.only or ()):
+        # a smoke run: the inductor backend compiles a graph per surrogate, T and grad mode
+        # (about 3.5 of the 4 minutes of a --quick run with a cold Inductor cache)
+        skip = ('inductor',)
+        note("--quick: backend 'inductor' not run (its compiles take minutes with a cold cache; "
+             "name it in --only to include it)")
+    long_backends = args.long_backends
+    if long_backends is None and skip:
+        long_backends = [b for b in cf_backends(device)[0] if b not in skip]
     cfg = Config(device=device, ns=ns, T=T, batch=batch, long_Ts=[] if args.no_long_T else long_Ts,
                  long_n=long_n, long_n_reference=long_n_ref, per_step_T=per_step_T,
-                 slow_s=args.slow_s, long_backends=args.long_backends, warmup=warmup,
+                 slow_s=args.slow_s, long_backends=long_backends, warmup=warmup,
                  repeats=repeats, max_call_s=args.max_call_s,
                  quick=args.quick, only=args.only)
     meta = common.environment(device)
@@ -845,7 +859,7 @@ def main(argv=None) -> int:
     print(f'protocol benchmark [{tag}]: {meta["device_label"]}, torch {meta["torch"]}, '
           f'{meta["torch_threads"]} threads, load {meta["load_average_start"]}', flush=True)
     began = time.time()
-    cands = build_candidates(device, args.only)
+    cands = build_candidates(device, args.only, skip=skip)
     for c in cands:
         if c.unavailable:
             note(f'{c.name}: not run: {c.unavailable}')
