@@ -31,9 +31,9 @@ merge with ``benchmarks/combine.py``. ``--quick`` runs a small sweep in well und
 """
 import argparse
 import os
+import statistics
 import sys
 import time
-import statistics
 import traceback
 import warnings
 from dataclasses import dataclass, field

@@ -639,6 +639,19 @@ def frames_by_number(events: Dict[str, np.ndarray], frames_number: int) -> np.nd
     return np.bincount(idx, minlength=frames_number * 2 * H * W).reshape(frames_number, 2, H, W)
 
 
+def _frames_name(frames_number: int) -> str:
+    """SpikingJelly's folder name for frames integrated by number."""
+    return f'frames_number_{frames_number}_split_by_number'
+
+
+def _event_files(events_np: str) -> List[str]:
+    """Paths of the event files under ``events_np``, relative to it."""
+    rel = []
+    for d, _, files in os.walk(events_np):
+        rel += [os.path.relpath(os.path.join(d, f), events_np) for f in files]
+    return rel
+
+
 def integrate_frames(root: str, frames_number: int, verbose: bool = False) -> str:
     """Write ``root/frames_number_T_split_by_number`` faster than SpikingJelly does (optional).
 
@@ -668,11 +681,9 @@ def integrate_frames(root: str, frames_number: int, verbose: bool = False) -> st
     if not (isinstance(frames_number, int) and frames_number > 0):
         raise ValueError(f'frames_number must be a positive int, got {frames_number!r}')
     events_np = os.path.join(root, 'events_np')
-    name = f'frames_number_{frames_number}_split_by_number'
+    name = _frames_name(frames_number)
     out = os.path.join(root, name)
-    rel = []
-    for d, _, files in os.walk(events_np):
-        rel += [os.path.relpath(os.path.join(d, f), events_np) for f in files]
+    rel = _event_files(events_np)
     if not rel:
         raise FileNotFoundError(f'no event files under [{events_np}]')
     if os.path.isdir(out):
@@ -707,12 +718,8 @@ def redo_missing_frames(root: str, frames_number: int, DVS128Gesture=None) -> in
     it finds nothing to do (and refuses with a ``RuntimeError`` if it ever did).
     """
     events = os.path.join(root, 'events_np')
-    frames = os.path.join(root, f'frames_number_{frames_number}_split_by_number')
-    missing = []
-    for dirpath, _, files in os.walk(events):
-        out_dir = os.path.join(frames, os.path.relpath(dirpath, events))
-        missing += [(os.path.join(dirpath, f), out_dir) for f in sorted(files)
-                    if not os.path.isfile(os.path.join(out_dir, f))]
+    frames = os.path.join(root, _frames_name(frames_number))
+    missing = [r for r in sorted(_event_files(events)) if not os.path.isfile(os.path.join(frames, r))]
     if not missing:   # the usual case: nothing imported (SpikingJelly 2.0's spikingjelly.datasets
         return 0      # needs torchaudio, which its DVS128Gesture module does not)
     import importlib
@@ -722,16 +729,17 @@ def redo_missing_frames(root: str, frames_number: int, DVS128Gesture=None) -> in
     integrate = getattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number', None)
     if integrate is None:
         raise RuntimeError(f'{len(missing)} events file(s) of {events} have no frames file in {frames} '
-                           f'after SpikingJelly integrated them (e.g. {missing[0][0]}); delete {frames} '
+                           f'after SpikingJelly integrated them (e.g. {missing[0]}); delete {frames} '
                            'and run again')
     import sys
     print(f'[data] SpikingJelly left {len(missing)} frames file(s) out; integrating them again',
           file=sys.stderr)
     height, width = DVS128Gesture.get_H_W()
-    for events_file, out_dir in missing:
+    for r in missing:
+        out_dir = os.path.dirname(os.path.join(frames, r))
         os.makedirs(out_dir, exist_ok=True)
-        integrate(DVS128Gesture.load_events_np, events_file, out_dir, 'number', frames_number,
-                  height, width)
+        integrate(DVS128Gesture.load_events_np, os.path.join(events, r), out_dir, 'number',
+                  frames_number, height, width)
     return len(missing)
 
 
