@@ -212,7 +212,7 @@ def _rect_level(u: torch.Tensor, theta: float, alpha: float) -> torch.Tensor:
 def flexsn_cf_core_factory(tau: float = 4 / 3, v_threshold: float = 1.0,
                            v_threshold_neg: float = -1.0, k_pos: int = 2, k_neg: int = 2,
                            alpha: float = 1.0) -> Callable:
-    """The CF neuron's single step ``(x, v) -> (s, v_next)`` (SPEC section 1) for ``FlexSN``.
+    """The CF neuron's single step ``(x, v) -> (s, v_next)`` (docs/method.md, section 1) for ``FlexSN``.
 
     Same defaults as ``CFNode`` (``decay_input=False``, CFRect surrogate). Captures only floats
     and ints, as FlexSN requires.

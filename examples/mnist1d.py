@@ -230,7 +230,7 @@ def _levels(m) -> tuple:
 def surrogate_derivative(m, h_seq: torch.Tensor) -> torch.Tensor:
     r""":math:`\partial s_t / \partial h_t` of spiking layer ``m`` at its pre-reset potentials.
 
-    The sum over the firing levels of the layer's per-level pseudo-derivative (SPEC section 2:
+    The sum over the firing levels of the layer's per-level pseudo-derivative (docs/method.md, section 2:
     :math:`\sum_k g(h - k\theta_P) + \sum_k g(k\theta_N - h)`), evaluated with the layer's own
     surrogate module (so TSG uses each step's :math:`a_t`). ``h_seq`` is ``[T, ...]``.
     """

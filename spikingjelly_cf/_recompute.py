@@ -1,5 +1,5 @@
 r"""Exact recomputation of :class:`~spikingjelly_cf.neuron.CFNode` under ``torch.utils.checkpoint``
-(SPEC section 6, "Recomputation").
+(docs/method.md, section 6, "Recomputation").
 
 A CF node keeps its membrane potential ``v`` and TSG's step counter ``step_count`` as module
 state. ``torch.utils.checkpoint`` re-runs the forward of a checkpointed region during the

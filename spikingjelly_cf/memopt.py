@@ -5,7 +5,7 @@ SpikingJelly 2.0 trains with less memory by checkpointing modules
 checkpointed module, usually the spikes of the layer before it, in a compressed form: its
 ``BooleanSpikeCompressor``, ``BitSpikeCompressor`` and ``SparseSpikeCompressor`` keep only
 whether a value is nonzero and ``Uint8SpikeCompressor`` casts to ``uint8``. That is lossless for
-binary spikes; CF spikes are signed counts in :math:`\{-K_N, \dots, K_P\}` (SPEC section 6), which
+binary spikes; CF spikes are signed counts in :math:`\{-K_N, \dots, K_P\}` (docs/method.md, section 6), which
 those compressors corrupt without a word (``-1`` becomes ``1`` or ``255``, ``2`` becomes ``1``).
 
 This module adds

@@ -5,9 +5,9 @@ All three register plain ``register_forward_hook`` hooks by module name (Spiking
 ``enable()`` / ``disable()`` / ``remove()`` and work as context managers. ``disable()``
 removes the hooks, so a disabled monitor costs nothing; nothing relies on ``__del__``.
 
-- :class:`PNBMonitor`: the positive-negative balanced loss of Eq. 18-23 (SPEC section 3).
+- :class:`PNBMonitor`: the positive-negative balanced loss of Eq. 18-23 (docs/method.md, section 3).
 - :class:`EnergyMonitor`: FLOPs, firing rates, SOPs and energy per synaptic layer
-  (Eq. 26-28, SPEC section 4), printed like the paper's Table X.
+  (Eq. 26-28, docs/method.md, section 4), printed like the paper's Table X.
 - :class:`SpikeLevelHistogram`: how many outputs of each CF layer sit at each level
   :math:`-K_N, \dots, K_P` (the paper's Fig. 8 trade-off between K and spike count).
 """
@@ -139,7 +139,7 @@ class _ForwardHookMonitor:
 
 
 class PNBMonitor(_ForwardHookMonitor):
-    r"""Positive-negative balanced loss of a network's CF layers (Eq. 18-23, SPEC section 3).
+    r"""Positive-negative balanced loss of a network's CF layers (Eq. 18-23, docs/method.md, section 3).
 
     Attaches a forward hook to every monitored CF layer and turns on its ``store_h_seq``.
     After each forward call of a layer the hook adds the per-level sufficient statistics
@@ -304,7 +304,7 @@ def _add(old, new):
 
 
 class EnergyMonitor(_ForwardHookMonitor):
-    r"""Operations and energy of the synaptic layers of a network (Eq. 26-28, SPEC section 4).
+    r"""Operations and energy of the synaptic layers of a network (Eq. 26-28, docs/method.md, section 4).
 
     Hooks every ``Conv1d/2d/3d`` and ``Linear`` (SpikingJelly's ``layer.*`` versions
     included, single- and multi-step) and, per layer, accumulates over every forward call:

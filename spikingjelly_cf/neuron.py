@@ -1,4 +1,4 @@
-r"""The circulate-firing (CF) neuron as a SpikingJelly ``BaseNode`` (SPEC section 1)."""
+r"""The circulate-firing (CF) neuron as a SpikingJelly ``BaseNode`` (docs/method.md, section 1)."""
 import copy
 import warnings
 from typing import Callable, Optional, Tuple, Type, Union

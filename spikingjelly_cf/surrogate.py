@@ -1,4 +1,4 @@
-r"""Surrogate gradients of the circulate-firing neuron (SPEC section 2).
+r"""Surrogate gradients of the circulate-firing neuron (docs/method.md, section 2).
 
 Every surrogate here is a per-level pseudo-derivative :math:`g(x)` of the Heaviside step
 :math:`H(x) = 1[x \ge 0]`, where :math:`x` is the signed distance past one firing level:

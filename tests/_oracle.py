@@ -1,5 +1,5 @@
 """An exact oracle of the CF neuron in rational arithmetic (``fractions.Fraction``), independent of
-the package: SPEC section 1 (charge, H(0) = 1, soft reset) and section 2 (CFRect's window
+the package: docs/method.md, section 1 (charge, H(0) = 1, soft reset) and section 2 (CFRect's window
 ``|x| < theta/2``, strict), forward and backward, neuron by neuron.
 
 On a dyadic grid (inputs multiples of 1/8, thresholds in {0.5, 1, 2}, decay 1 - 1/tau in

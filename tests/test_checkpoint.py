@@ -1,5 +1,5 @@
 """CFNode under torch.utils.checkpoint: a recomputed forward starts from the state the first run
-started from, so gradients and state equal the un-checkpointed run (SPEC section 6,
+started from, so gradients and state equal the un-checkpointed run (docs/method.md, section 6,
 "Recomputation"; issue 9 item 4). Unidentifiable recomputations raise a clear error.
 """
 import copy

@@ -1,4 +1,4 @@
-"""Energy accounting (SPEC section 4): exact SOPs against hand and brute-force counts, Eq. 26-28."""
+"""Energy accounting (docs/method.md, section 4): exact SOPs against hand and brute-force counts, Eq. 26-28."""
 import itertools
 
 import pytest

@@ -125,7 +125,7 @@ def test_kernel_form_matches_reference(sg_name, params, dtype):
 
 
 def test_rect_window_is_strict():
-    """On |x| = theta/2 exactly the CFRect window is closed (SPEC: 1[|x| < theta/2]); a
+    """On |x| = theta/2 exactly the CFRect window is closed (docs/method.md, section 2: 1[|x| < theta/2]); a
     clamp-based primitive would count the edges."""
     # T = 1: h = x. 1.5 and 0.5 put levels exactly on window edges, 1.4 is inside level 1's
     x = torch.tensor([[1.5, 0.5, 1.4, -1.5]], dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,4 @@
-"""PNBMonitor and SpikeLevelHistogram (SPEC section 3): modes, backends, gradients, training, hooks."""
+"""PNBMonitor and SpikeLevelHistogram (docs/method.md, section 3): modes, backends, gradients, training, hooks."""
 import importlib
 
 import pytest

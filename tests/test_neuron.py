@@ -1,4 +1,4 @@
-"""CFNode and its reference path: golden sequences, modes, gradients, errors (SPEC sections 1-2)."""
+"""CFNode and its reference path: golden sequences, modes, gradients, errors (docs/method.md, sections 1-2)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""PNB loss (SPEC section 3) against a direct, loop-based float64 evaluation of Eq. 18-22."""
+"""PNB loss (docs/method.md, section 3) against a direct, loop-based float64 evaluation of Eq. 18-22."""
 import math
 
 import pytest
@@ -10,7 +10,7 @@ from spikingjelly_cf.functional.pnb import (PNB_STATISTICS_FIELDS, pnb_loss, pnb
 
 
 def reference_pnb_loss(h, v_threshold, v_threshold_neg, K, eps=1e-6):
-    """Eq. 18-22 element by element, with SPEC's Decision on empty levels.
+    """Eq. 18-22 element by element, with the Decision on empty levels of docs/method.md, section 3.
 
     Built from scalar torch operations, so autograd gives the reference gradient too.
     """

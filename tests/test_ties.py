@@ -5,7 +5,7 @@ thresholds in {0.5, 1, 2}, tau in {4/3, 2, 4}, i.e. 1 - 1/tau in {0.25, 0.5, 0.7
 backend computes h and v exactly in float32 and the grid's ties are real ties. The expected
 numbers come from the rational oracle in ``_oracle.py`` (independent of the package): spikes, h
 and v must be equal bit for bit, CFRect's gradients equal to float32 rounding (the window is
-strict, SPEC section 2: ``g(x) = alpha * 1[|x| < theta/2]``, so a potential exactly on an edge
+strict, docs/method.md, section 2: ``g(x) = alpha * 1[|x| < theta/2]``, so a potential exactly on an edge
 gets 0).
 """
 import itertools

@@ -231,7 +231,7 @@ def test_non_contiguous_input_and_incoming_gradients(dtype):
 
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_h_exactly_on_a_level(dtype):
-    """Dyadic inputs put h exactly on levels: H(0) = 1 on both sides (SPEC section 1)."""
+    """Dyadic inputs put h exactly on levels: H(0) = 1 on both sides (docs/method.md, section 1)."""
     # tau = 2 (k = 0.5), thetas +-0.5: every h below is exact in every storage dtype
     x = torch.tensor([[1.0, 0.5, -0.5, -1.0, 0.25, 1.5, 0.0],
                       [0.0, 0.25, -0.25, 0.0, 0.375, -1.25, -0.5]])

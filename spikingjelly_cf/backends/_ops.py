@@ -1,4 +1,4 @@
-r"""The fused kernels as ``torch.library`` custom ops (SPEC section 6).
+r"""The fused kernels as ``torch.library`` custom ops (docs/method.md, section 6).
 
 Every kernel backend (``'cpp'``, ``'cupy'``, ``'triton'``) registers two ops in the namespace
 ``spikingjelly_cf`` through :func:`define_kernel_ops`:

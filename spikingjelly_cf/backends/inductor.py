@@ -10,7 +10,7 @@ where :math:`\phi` is a primitive whose derivative is exactly the surrogate's (t
 in the forward pass, so the forward value is exactly :math:`H(x)`):
 
 * ``CFRect``: :math:`\phi(x) = \alpha\,x\,1[|x| < \theta/2]` with the mask not differentiated,
-  so the window is strict, as SPEC's :math:`\alpha 1[|x| < \theta/2]` (``clamp``'s gradient
+  so the window is strict, as in docs/method.md, section 2, :math:`\alpha 1[|x| < \theta/2]` (``clamp``'s gradient
   would include the edges);
 * ``TSG``: the triangle's antiderivative :math:`\Phi_{a_t}` (``surrogate._triangle_primitive``);
   :math:`a_t` enters the compiled graph as a ``[T]`` float32 tensor, so learning it never
@@ -27,7 +27,7 @@ size does not recompile; ``T`` is static (the loop is unrolled).
 
 Supported dtypes: float32 and float64 on CPU and CUDA. On CUDA the Triton kernels are compiled
 with ``emulate_precision_casts=True``, which turns off fused multiply-add contraction
-(SPEC section 6: float32 spikes equal the reference's). Surrogates other than the four above, or
+(docs/method.md, section 6: float32 spikes equal the reference's). Surrogates other than the four above, or
 in ``spiking=False`` mode, cannot be keyed: ``backend='inductor'`` raises a ``ValueError`` naming
 the supported ones, and ``'auto'`` never picks this backend for them (it never picks it at all
 today; see the README's benchmark table).

@@ -1,4 +1,4 @@
-r"""Backend ``'torch'``: the pure-PyTorch reference, an explicit time loop (SPEC section 1).
+r"""Backend ``'torch'``: the pure-PyTorch reference, an explicit time loop (docs/method.md, section 1).
 
 :func:`cf_multi_step_ref` is the oracle of every test: each fused backend must reproduce its
 outputs, state and gradients. It runs every dtype, every device and every surrogate (the
@@ -32,7 +32,7 @@ def cf_multi_step_ref(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
                       return_h_seq: bool = False, return_v_seq: bool = False) -> Result:
     r"""Reference (pure PyTorch, explicit time loop) multi-step CF neuron.
 
-    For each step :math:`t` (SPEC section 1; Eq. 10-13 of the paper), with
+    For each step :math:`t` (docs/method.md, section 1; Eq. 10-13 of the paper), with
     :math:`k_\tau = 1 - 1/\tau`:
 
     .. math::

@@ -3,7 +3,7 @@
  *
  * This header is the single source of truth for one time step of one neuron
  * (charge, multi-level fire, soft reset) and for the matching backward step,
- * as written in docs/architecture.md and SPEC sections 1-2.  It is plain C99 so
+ * as written in docs/architecture.md and docs/method.md, sections 1-2.  It is plain C99 so
  * that it is accepted unchanged by
  *   - gcc / clang for the CPU extension (csrc/cf_cpu.c),
  *   - nvcc and NVRTC for the CUDA kernels (csrc/cf_kernel.cuh, included

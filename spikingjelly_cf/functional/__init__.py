@@ -1,5 +1,5 @@
 """Pure functions of spikingjelly-cf: the CF neuron's multi-step functions, the PNB loss
-(SPEC section 3) and the energy estimate (SPEC section 4)."""
+(docs/method.md, section 3) and the energy estimate (docs/method.md, section 4)."""
 from . import energy, neuron, pnb
 from .energy import *  # noqa: F401,F403
 from .neuron import *  # noqa: F401,F403

@@ -1,4 +1,4 @@
-r"""Operation counts and energy of synaptic layers (Eq. 26-28 of the paper, SPEC section 4).
+r"""Operation counts and energy of synaptic layers (Eq. 26-28 of the paper, docs/method.md, section 4).
 
 A CF neuron emits signed multi-level spikes :math:`s \in \{-K_N, \dots, K_P\}`. A synaptic
 layer (``Conv1d/2d/3d``, ``Linear``, and SpikingJelly's ``layer.*`` versions, which subclass
@@ -156,7 +156,7 @@ def synaptic_flops(module: nn.Module, x: Union[torch.Tensor, Sequence[int]], ste
 
 
 def synaptic_operations(module: nn.Module, s: torch.Tensor, step_mode: str = None) -> torch.Tensor:
-    r"""Exact synaptic operations of ``module`` fed with spikes ``s`` (SPEC section 4).
+    r"""Exact synaptic operations of ``module`` fed with spikes ``s`` (docs/method.md, section 4).
 
     .. math::
 

@@ -1,4 +1,4 @@
-r"""Multi-step functions of the circulate-firing neuron (SPEC section 1): backend dispatch.
+r"""Multi-step functions of the circulate-firing neuron (docs/method.md, section 1): backend dispatch.
 
 :func:`cf_multi_step` runs a call on the backend that :func:`resolve_backend` picks (the
 fastest that can run it: ``'cupy'``, else ``'triton'`` on CUDA, the compiled ``'cpp'`` kernel on

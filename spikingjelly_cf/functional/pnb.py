@@ -1,4 +1,4 @@
-r"""Positive-negative balanced (PNB) loss, Eq. 18-22 of the paper (SPEC section 3).
+r"""Positive-negative balanced (PNB) loss, Eq. 18-22 of the paper (docs/method.md, section 3).
 
 The loss of one CF layer is a function of a handful of sums over its pre-reset potentials
 ``h``. :func:`pnb_statistics` computes those sums for one tensor; because they are sums,
@@ -183,7 +183,7 @@ def pnb_loss_from_statistics(stats: torch.Tensor, eps: float = 1e-6) -> torch.Te
         \left| \log\left( \frac{|\mu^{+}_k|}{|\mu^{-}_k| + \varepsilon} + \varepsilon \right) \right|,
 
     where :math:`\mathcal{K}` holds the levels whose positive *and* negative intervals are
-    both non-empty (Decision of SPEC section 3: with the paper's formula an empty interval
+    both non-empty (Decision of docs/method.md, section 3: with the paper's formula an empty interval
     adds the constant :math:`|\log\varepsilon|`, which carries no gradient). The loss is 0
     when no level qualifies (a zero that is still attached to the graph of ``stats``).
 
@@ -224,7 +224,7 @@ def pnb_loss_from_statistics(stats: torch.Tensor, eps: float = 1e-6) -> torch.Te
 
 def pnb_loss(h: torch.Tensor, v_threshold: float, v_threshold_neg: float, K: int,
              eps: float = 1e-6) -> torch.Tensor:
-    r"""Positive-negative balanced loss of one layer (Eq. 18-22, SPEC section 3).
+    r"""Positive-negative balanced loss of one layer (Eq. 18-22, docs/method.md, section 3).
 
     Shorthand for ``pnb_loss_from_statistics(pnb_statistics(h, ...), eps)``:
 
