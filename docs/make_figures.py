@@ -269,7 +269,8 @@ def fig_accuracy(out_dir: str) -> Optional[str]:
         ax1.text(i, mean + sd + 0.3, f'{mean:.1f}', ha='center', fontsize=7)
         spikes = statistics.mean(r['spikes_per_neuron_step'] for r in cells[name])
         ax2.scatter(spikes, mean, color=color, s=30)
-        offset = {'LIF soft': (4, -9), 'LIF hard': (4, -3), 'ST': (4, 3)}.get(name, (4, 2))
+        offset = {'LIF soft': (4, -9), 'LIF hard': (4, -3), 'ST': (4, 3),
+                  'CF+TSG': (4, -10)}.get(name, (4, 2))
         ax2.annotate(name, (spikes, mean), fontsize=7, xytext=offset, textcoords='offset points')
     low = min(100 * r['test_acc'] for n in names for r in cells[n])
     ax1.set_ylim(math.floor(low) - 2, 100)
