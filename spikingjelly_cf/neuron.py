@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _compat, _recompute
 from .backends._ops import MEMORY_MODES
+from ._validation import check_v_threshold_neg
 from .functional.neuron import BACKENDS, cf_multi_step, check_cf_parameters
 from .surrogate import CFRect
 
@@ -55,7 +56,9 @@ class CFNode(sj_neuron.BaseNode):
     v_threshold : float
         Positive threshold :math:`\theta_P > 0`.
     v_threshold_neg : float or None
-        Negative threshold :math:`\theta_N < 0`; ``None`` means ``-v_threshold``.
+        Negative threshold :math:`\theta_N < 0`; ``None`` (default) means ``-v_threshold`` at
+        every call: after ``node.v_threshold = 0.5`` the negative threshold is ``-0.5``. An
+        explicit value stays fixed when ``v_threshold`` changes.
     k_pos, k_neg : int
         Number of positive (>= 1) and negative (>= 0) levels, :math:`K_P` and :math:`K_N`.
         Named variants: :func:`variant_kwargs` / :meth:`from_variant`.
@@ -125,7 +128,7 @@ class CFNode(sj_neuron.BaseNode):
                          step_mode=step_mode, store_v_seq=store_v_seq)
         self.tau = p['tau']
         self.decay_input = p['decay_input']
-        self.v_threshold_neg = p['v_threshold_neg']
+        self.v_threshold_neg = v_threshold_neg  # None: -v_threshold at every call (property)
         self.k_pos = p['k_pos']
         self.k_neg = p['k_neg']
         self.backend = backend
@@ -160,6 +163,19 @@ class CFNode(sj_neuron.BaseNode):
         if value not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {value!r}')
         self._backend = value
+
+    # -- thresholds ---------------------------------------------------------------------------------
+    @property
+    def v_threshold_neg(self) -> float:
+        """The negative threshold :math:`\\theta_N < 0`. Constructed (or set) to ``None``, it is
+        ``-v_threshold`` read at every call, so that ``node.v_threshold = 0.5`` moves both
+        thresholds; an explicit value stays fixed."""
+        value = self._v_threshold_neg
+        return -float(self.v_threshold) if value is None else value
+
+    @v_threshold_neg.setter
+    def v_threshold_neg(self, value: Optional[float]):
+        self._v_threshold_neg = check_v_threshold_neg(value)
 
     # -- memories that are not SpikingJelly memories -------------------------------------------
     @property
@@ -201,8 +217,11 @@ class CFNode(sj_neuron.BaseNode):
                 self.__dict__[name] = value.detach()
 
     def extra_repr(self):
+        neg = self.v_threshold_neg
+        if self._v_threshold_neg is None:
+            neg = f'{neg} (-v_threshold)'
         return (f'tau={self.tau}, decay_input={self.decay_input}, v_threshold={self.v_threshold}, '
-                f'v_threshold_neg={self.v_threshold_neg}, k_pos={self.k_pos}, k_neg={self.k_neg}, '
+                f'v_threshold_neg={neg}, k_pos={self.k_pos}, k_neg={self.k_neg}, '
                 f'detach_reset={self.detach_reset}, step_mode={self.step_mode}, '
                 f'backend={self.backend}' + (f', memory={self.memory!r}'
                                              if self.memory != 'normal' else ''))
