@@ -321,11 +321,16 @@ def replace_neurons(net: nn.Module, old: Union[Type[nn.Module], Tuple[Type[nn.Mo
     r"""Replace the ``LIFNode``\ s (or other neurons) of ``net`` by :class:`CFNode`\ s, in place.
 
     Each new node takes ``tau``, ``decay_input``, ``v_threshold``, ``detach_reset``,
-    ``step_mode``, ``store_v_seq`` and, where it is one of CF's, ``backend`` from the neuron it
-    replaces (a neuron without ``tau``, like ``IFNode``, gets ``tau`` from ``cf_kwargs`` or CF's
-    default). Keywords in ``cf_kwargs`` (``k_pos``, ``v_threshold_neg``, ``tau``...) override.
-    The CF neuron always soft-resets: a hard-reset neuron becomes a soft-reset one (a warning
-    says so once per call).
+    ``step_mode`` and ``store_v_seq`` from the neuron it replaces (a neuron without ``tau``, like
+    ``IFNode``, gets ``tau`` from ``cf_kwargs`` or CF's default). Keywords in ``cf_kwargs``
+    (``k_pos``, ``v_threshold_neg``, ``tau``, ``backend``...) override. The CF neuron always
+    soft-resets: a hard-reset neuron becomes a soft-reset one (a warning says so once per call).
+
+    The backend is not copied: every new node gets ``backend='auto'`` (the fastest kernel for
+    each call's device and dtype) unless ``cf_kwargs`` has ``backend=``. SpikingJelly's backend
+    names describe its own implementations: ``'torch'``, the default of 0.0.0.0.14's
+    ``LIFNode``, is its ordinary path, where ours is the slow pure-PyTorch reference, and
+    ``'cupy'`` asks for the fused GPU path, which ``'auto'`` picks on CUDA.
 
     Parameters
     ----------
@@ -343,8 +348,8 @@ def replace_neurons(net: nn.Module, old: Union[Type[nn.Module], Tuple[Type[nn.Mo
     >>> from spikingjelly.activation_based import neuron, layer
     >>> net = nn.Sequential(layer.Linear(4, 3), neuron.LIFNode(tau=2.))
     >>> net = replace_neurons(net, k_pos=1, k_neg=1)
-    >>> type(net[1]).__name__, net[1].tau, net[1].k_neg
-    ('CFNode', 2.0, 1)
+    >>> type(net[1]).__name__, net[1].tau, net[1].k_neg, net[1].backend
+    ('CFNode', 2.0, 1, 'auto')
     """
     old = _default_lif_classes() if old is None else old
     if not isinstance(old, tuple):
@@ -375,8 +380,10 @@ def replace_neurons(net: nn.Module, old: Union[Type[nn.Module], Tuple[Type[nn.Mo
                 kwargs[name] = getattr(module, name)
         if hasattr(module, 'v_threshold'):
             kwargs['v_threshold'] = float(module.v_threshold)
-        if getattr(module, 'backend', None) in BACKENDS:
-            kwargs['backend'] = module.backend
+        # The replaced neuron's backend is not copied: SpikingJelly's names ('torch', its
+        # default; 'cupy', its fused GPU path) describe SpikingJelly's implementations, and our
+        # 'torch' is the slow reference. Every converted layer runs 'auto' unless cf_kwargs
+        # has backend=.
         if getattr(module, 'v_reset', None) is not None:
             hard_reset.append(module)
         kwargs.update(cf_kwargs)
