@@ -804,12 +804,8 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        if pnb is not None:
-            pnb.enable()
         tr = train_one_epoch(task, model, net, train_loader, optimizer, scheduler, scaler, pnb, args, dist_, epoch)
-        if pnb is not None:
-            pnb.disable()   # no potentials stored, no PNB statistics during evaluation
-            pnb.reset()
+        # evaluate() runs under torch.no_grad(): the PNB monitor records nothing there
         te = evaluate(task, model, net, test_loader, args, dist_)
         seconds = time.time() - t0
         record = {'epoch': epoch + 1, 'train_loss': tr['loss'], 'train_ce': tr['ce'], 'train_pnb': tr['pnb'],

@@ -158,6 +158,15 @@ class PNBMonitor(_ForwardHookMonitor):
     per-layer loss of Eq. 22 (:func:`~spikingjelly_cf.functional.pnb_loss`), and clears the
     accumulators. The training objective of Eq. 23 is ``CE + 0.25 * pnb.loss()``.
 
+    The PNB loss is a training term, so the monitor records only forward passes whose graph
+    autograd keeps: nothing under ``torch.no_grad()`` or ``torch.inference_mode()`` (validation
+    passes may run while the monitor is attached and leave the next training loss unchanged),
+    and nothing when ``torch.utils.checkpoint`` re-runs a region inside the backward pass (its
+    first run was recorded). ``net.eval()`` alone changes nothing: an eval-mode forward with
+    gradients enabled is recorded like any other (evaluate under ``torch.no_grad()``). The
+    layers keep ``store_h_seq=True`` while the monitor is enabled, also without gradients;
+    :meth:`disable` turns that off.
+
     Parameters
     ----------
     net : nn.Module
@@ -240,13 +249,23 @@ class PNBMonitor(_ForwardHookMonitor):
                 del _PNB_OWNERS[module]
 
     def _hook(self, name, module, args, output):
+        if not torch.is_grad_enabled():
+            return  # torch.no_grad() / inference_mode(): a validation pass, no loss to train
+        # a torch.utils.checkpoint re-run inside the backward pass: the first run was recorded;
+        # the statistics are computed again (the re-run must save the tensors the first run
+        # saved) and dropped
+        rerun = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         h = getattr(module, 'h_seq', None)
+        if h is None and rerun:
+            return  # the network was reset before the backward pass
         if h is None:
             raise RuntimeError(f'PNBMonitor: layer {name!r} ran with store_h_seq=True but left '
                                f'h_seq=None; its forward must store the pre-reset potentials')
         if module.k_pos != module.k_neg or module.k_neg == 0:
             self._check_layer(name, module)
         stats = pnb_statistics(h, module.v_threshold, module.v_threshold_neg, module.k_pos)
+        if rerun:
+            return
         old = self._stats.get(name)
         self._stats[name] = stats if old is None else old + stats.to(old.device)
 

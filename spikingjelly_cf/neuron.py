@@ -6,7 +6,6 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron as sj_neuron
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _compat, _recompute
 from .backends._ops import MEMORY_MODES
@@ -267,7 +266,7 @@ class CFNode(sj_neuron.BaseNode):
             memory=self.memory)
         if replay:  # the first run already committed the state
             return s_seq, None
-        if torch.compiler.is_exporting() and isinstance(v, FakeTensor):
+        if torch.compiler.is_exporting() and _is_fake(v):
             # Non-strict torch.export runs this code on fake tensors: an exported program is a
             # function of its input from a reset state, and torch 2.9 would otherwise leave the
             # fake tensors in the module's memories. (Under Dynamo, v is no FakeTensor; torch
@@ -309,6 +308,13 @@ class CFNode(sj_neuron.BaseNode):
         s_seq, v, _, _ = cf_multi_step(x.unsqueeze(0), v, **self._parameters_dict(),
                                        t_start=count, backend=self.backend, memory=self.memory)
         return (s_seq[0],), (v, count + 1)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    # imported here: torch._subclasses.fake_tensor is loaded by export anyway, and importing it
+    # with the package would cost every user its import time
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
 
 
 def _default_lif_classes() -> Tuple[type, ...]:
