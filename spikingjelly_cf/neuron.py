@@ -46,6 +46,14 @@ class CFNode(sj_neuron.BaseNode):
     dtype; :math:`H(0) = 1` like every SpikingJelly neuron. Defaults are the paper's setting:
     :math:`k_\tau = 1 - 1/\tau = 0.25`, thresholds :math:`\pm 1`, :math:`K = 2`.
 
+    Several defaults differ from SpikingJelly's ``LIFNode`` (``tau`` 4/3 instead of 2,
+    ``decay_input=False``, soft reset, the CFRect surrogate, ``backend='auto'``): the table
+    "Defaults that differ from SpikingJelly's LIFNode" in ``docs/guide/neuron.md`` lists each
+    with its reason. ``tau``, ``decay_input`` and ``v_threshold`` may be passed by position, in
+    ``LIFNode``'s order; everything else is keyword-only (``LIFNode``'s 4th positional
+    argument is ``v_reset``: ``CFNode(2., True, 1., None)`` is a ``TypeError``, not a silently
+    different neuron).
+
     Parameters
     ----------
     tau : float
@@ -102,7 +110,7 @@ class CFNode(sj_neuron.BaseNode):
     >>> functional.reset_net(node)
     """
 
-    def __init__(self, tau: float = 4 / 3, decay_input: bool = False, v_threshold: float = 1.0,
+    def __init__(self, tau: float = 4 / 3, decay_input: bool = False, v_threshold: float = 1.0, *,
                  v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
                  surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
                  step_mode: str = 's', backend: str = 'auto', store_v_seq: bool = False,
