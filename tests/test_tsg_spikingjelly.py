@@ -198,6 +198,14 @@ def test_checkpoint_rerun_replays_the_steps():
     assert int(ckpt.step_count) == T, 'the re-run advanced the counter'
     torch.testing.assert_close(ckpt.p.grad, plain.p.grad, rtol=1e-12, atol=1e-12)
     assert bool((plain.p.grad != 0).all())
+    # reset between the forward and the backward pass: the re-run leaves the counter alone
+    ckpt.p.grad = None
+    functional.reset_net(ckpt)
+    out = checkpoint(_region, ckpt, x, v0, use_reentrant=False)
+    functional.reset_net(ckpt)
+    out.sum().backward()
+    assert ckpt.step_count == 0, 'the re-run wrote the counter'
+    torch.testing.assert_close(ckpt.p.grad, plain.p.grad, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match='use_reentrant=False'):
         functional.reset_net(ckpt)
         x_req = x.clone().requires_grad_()
