@@ -106,6 +106,14 @@ def test_reviewer_case_lifnode_tsg4():
     assert bool((sg.p.grad != 0).all()), sg.p.grad.tolist()
 
 
+@pytest.mark.parametrize('step_mode', ['s', 'm'])
+def test_parametric_lif_trains_every_step(step_mode):
+    sg = TSG(T)
+    node = neuron.ParametricLIFNode(surrogate_function=sg, step_mode=step_mode)
+    _run(node, torch.linspace(0., 3., 64).repeat(T, 1), step_mode).sum().backward()
+    assert int(sg.step_count) == T and bool((sg.p.grad != 0).all()), sg.p.grad.tolist()
+
+
 def test_sequence_longer_than_T_is_an_error():
     node = neuron.LIFNode(surrogate_function=TSG(3), step_mode='m')
     with pytest.raises(ValueError, match=r'T=3.*reset_net'):
