@@ -257,8 +257,10 @@ class PNBMonitor(_ForwardHookMonitor):
         # saved) and dropped
         rerun = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         h = getattr(module, 'h_seq', None)
-        if h is None and rerun:
-            return  # the network was reset before the backward pass
+        if rerun:  # CFNode's re-run leaves h_seq alone and hands its own potentials over here
+            h = module.__dict__.pop('_rerun_h_seq', None)
+            if h is None:
+                return
         if h is None:
             raise RuntimeError(f'PNBMonitor: layer {name!r} ran with store_h_seq=True but left '
                                f'h_seq=None; its forward must store the pre-reset potentials')
@@ -327,8 +329,8 @@ class _EnergyRecord:
 class _PoolRecord:
     """The last call of an average pool: its output (weakly) and the |s| of its input per
     pooled position, summed over every other dimension."""
-    __slots__ = ('output', 'ptr', 'numel', 'device', 'in_shape', 'per_position', 'abs_sum', 'numel_in',
-                 'real')
+    __slots__ = ('output', 'ptr', 'numel', 'device', 'in_shape', 'out_shape', 'contiguous', 'per_position',
+                 'abs_sum', 'numel_in', 'real')
 
     def __init__(self, pool, x, output):
         dims = _pool_dims(pool)
@@ -340,17 +342,19 @@ class _PoolRecord:
         # at the same address with as many elements is that output
         self.output = weakref.ref(output if output._base is None else output._base)
         self.ptr, self.numel, self.device = output.data_ptr(), output.numel(), output.device
-        self.in_shape = tuple(x.shape)
+        self.in_shape, self.out_shape = tuple(x.shape), tuple(output.shape)
+        self.contiguous = output.is_contiguous()
         self.per_position = a.sum(dim=tuple(range(a.dim() - dims)), dtype=torch.float64)
         self.abs_sum = self.per_position.sum()
         self.numel_in = x.numel()
         self.real = ~is_spike_valued(x)
 
     def feeds(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is this pool's output or a view of it (``Flatten``, a reshape)."""
+        """Whether ``x`` is this pool's output or a view of it in the same element order
+        (``Flatten``, a reshape)."""
         out = self.output()
         return (out is not None and x.device == self.device and x.numel() == self.numel
-                and x.data_ptr() == self.ptr)
+                and x.data_ptr() == self.ptr and self.contiguous and x.is_contiguous())
 
 
 def _add(old, new):
@@ -489,6 +493,11 @@ class EnergyMonitor(_ForwardHookMonitor):
             record.macs += macs
             pool, call = self._pooled_input(x)
             fan_out = None if pool is None else self._fold_for(pool, module, call.in_shape)
+            dims = 0 if pool is None else _pool_dims(pool)
+            if (isinstance(fan_out, torch.Tensor) and _conv_dims(module)
+                    and tuple(xb.shape[-dims - 1:]) != call.out_shape[-dims - 1:]):
+                fan_out = (f'it reads the pooled {call.out_shape[-dims - 1:]} (channels, size) as '
+                           f'{tuple(xb.shape[-dims - 1:])}')
             if isinstance(fan_out, str):
                 record.unfolded = (f'its input is the average pool {type(pool).__name__} of '
                                    f'spikes, which cannot be folded into it: {fan_out}')
@@ -497,7 +506,7 @@ class EnergyMonitor(_ForwardHookMonitor):
                 record.pooled = True
                 fan_out = fan_out.to(call.per_position.device)
                 record.sops = _add(record.sops, (call.per_position * fan_out).sum())
-                channels = call.in_shape[-_pool_dims(pool) - 1]
+                channels = call.in_shape[-dims - 1]
                 record.spike_macs += sample_steps * channels * int(round(float(fan_out.sum())))
                 record.numel += call.numel_in
                 record.abs_sum = _add(record.abs_sum, call.abs_sum)

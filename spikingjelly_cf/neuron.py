@@ -211,6 +211,7 @@ class CFNode(sj_neuron.BaseNode):
         super().reset()
         self.__dict__['v_seq'] = None
         self.__dict__['h_seq'] = None
+        self.__dict__.pop('_rerun_h_seq', None)
 
     def detach(self):
         # Out of place: SpikingJelly's detach_() refuses the state of a kernel backend, a view of
@@ -273,7 +274,13 @@ class CFNode(sj_neuron.BaseNode):
             return_h_seq=self.store_h_seq, return_v_seq=self.store_v_seq, backend=self.backend,
             memory=self.memory)
         if replay:  # the first run already committed the state
+            # the re-run's pre-reset potentials, for a PNBMonitor hook of this call (the re-run
+            # must save what the first run saved, even after a reset dropped self.h_seq)
+            if h_seq is not None:
+                self.__dict__['_rerun_h_seq'] = h_seq
             return s_seq, None
+        if not torch.compiler.is_compiling():
+            self.__dict__.pop('_rerun_h_seq', None)
         if torch.compiler.is_exporting() and _is_fake(v):
             # Non-strict torch.export runs this code on fake tensors: an exported program is a
             # function of its input from a reset state, and torch 2.9 would otherwise leave the

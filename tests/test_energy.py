@@ -363,6 +363,16 @@ def test_energy_monitor_says_why_a_layer_is_counted_as_macs():
         row = em.table()['layers'][0]
     assert row['input'] == 'real' and 'cannot be folded' in row['mac_reason']
     assert 'in_features=4' in row['mac_reason']
+    # pooled spikes read in another shape (a [.., 4, 2] pool output viewed as [.., 2, 4])
+    class Swap(nn.Module):
+        def forward(self, x):
+            return x.view(*x.shape[:-2], x.shape[-1], x.shape[-2])
+
+    net = nn.Sequential(nn.AvgPool2d(2), Swap(), nn.Conv2d(2, 3, 1))
+    with torch.no_grad(), EnergyMonitor(net, T=1) as em:
+        net(torch.randint(-2, 3, (2, 2, 8, 4)).float())
+        row = em.table()['layers'][0]
+    assert row['input'] == 'real' and 'reads the pooled' in row['mac_reason']
     # pooled spikes through something else (a ReLU): a new tensor, not the pool's output
     net = nn.Sequential(nn.AvgPool2d(2), nn.ReLU(), nn.Conv2d(2, 3, 3))
     with torch.no_grad(), EnergyMonitor(net, T=1) as em:

@@ -1,4 +1,5 @@
 """PNBMonitor and SpikeLevelHistogram (docs/method.md, section 3): modes, backends, gradients, training, hooks."""
+import copy
 import importlib
 
 import pytest
@@ -285,3 +286,17 @@ def test_checkpoint_recomputation_is_not_recorded_twice():
         again = pnb.loss()
         sj_functional.reset_net(net)
     assert again.item() == loss.item()
+    # the same with the network reset between the forward and the backward pass; the gradients
+    # are those of the region without checkpointing
+    grads = []
+    for checkpointed in (True, False):
+        model = copy.deepcopy(net)
+        with PNBMonitor(model) as pnb:
+            out = checkpoint(model, x, use_reentrant=False) if checkpointed else model(x)
+            loss = pnb.loss()
+            sj_functional.reset_net(model)
+            (out.sum() + loss).backward()
+            assert pnb.statistics() == {}
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
