@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='only these dtypes')
     check.add_argument('--surrogates', nargs='+', metavar='NAME',
                        help='only these surrogates (CFRect, TSG, Sigmoid, ATan)')
+    check.add_argument('--deadline-s', type=float, metavar='SECONDS',
+                       help='start no row after this many seconds (the rest is listed as not '
+                            'checked)')
     check.add_argument('--no-progress', action='store_true', help='no progress bar')
 
     bench = sub.add_parser(
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='measurement time per case (default 0.3 s, 0.05 s with --quick)')
     bench.add_argument('--deadline-s', type=float, default=300.0,
                        help='start no case after this many seconds (default 300)')
+    bench.add_argument('--backends', nargs='+', metavar='NAME',
+                       help="CF's kernel backends to time (default: every one that runs here)")
     bench.add_argument('--quick', action='store_true',
                        help='float32, N = 2^14 on the CPU (2^20 on CUDA), no inductor: seconds')
     bench.add_argument('--json', metavar='PATH', nargs='?', const=DEFAULT_BENCH_JSON,
@@ -113,7 +118,8 @@ def _check(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     report = _check.run_check(quick=args.quick, only_backends=args.backends,
                               only_devices=args.devices, only_dtypes=args.dtypes,
-                              only_surrogates=args.surrogates, progress=progress)
+                              only_surrogates=args.surrogates, progress=progress,
+                              deadline_s=args.deadline_s)
     report['command'] = ' '.join(['python -m spikingjelly_cf'] + sys.argv[1:])
     if args.json:
         _write_json(args.json, report)
@@ -152,7 +158,7 @@ def _bench(args) -> int:
           flush=True)
     payload = _bench.run_bench(device, dtypes, args.T, log2ns, args.modes, budget_s=budget,
                                deadline_s=args.deadline_s, compiled=not args.quick, meta=env,
-                               log=lambda line: print(line, flush=True))
+                               log=lambda line: print(line, flush=True), only=args.backends)
     payload['command'] = ' '.join(['python -m spikingjelly_cf'] + sys.argv[1:])
     print(_bench.format_rows(payload))
     for note in payload['notes']:

@@ -174,10 +174,11 @@ def bytes_moved(mode: str, T: int, N: int, element_size: int) -> int:
     return T * N * (4 * element_size + 2 * 4) + 3 * N * element_size
 
 
-def cf_candidates(device: torch.device, dtype: torch.dtype, compiled: bool = True) -> dict:
+def cf_candidates(device: torch.device, dtype: torch.dtype, compiled: bool = True,
+                  only=None) -> dict:
     """``{name: (callable(x, v) -> (s, v_last), why-not)}`` for CF's kernel backends on
     ``device`` (Triton's interpreter, a test mode, and ``'inductor'`` without ``compiled`` are
-    left out), plus ``'auto'`` with what it picks."""
+    left out; ``only``: these backends only), plus ``'auto'`` with what it picks."""
     from . import backends
     from ._info import available_on
     from .functional.neuron import cf_multi_step, resolve_backend
@@ -185,7 +186,7 @@ def cf_candidates(device: torch.device, dtype: torch.dtype, compiled: bool = Tru
     out = {}
     probe = torch.zeros(1, 4, device=device, dtype=dtype)
     for name in backends.KERNEL_BACKENDS:
-        if device.type == 'cpu' and name == 'triton':
+        if (device.type == 'cpu' and name == 'triton') or (only and name not in only):
             continue  # the interpreter runs CPU tensors for tests only
         if name == 'inductor' and not compiled:
             out[name] = (None, 'left out (compiles for tens of seconds; run without --quick)')
@@ -323,7 +324,7 @@ def largest_fitting_log2n(device: torch.device, T: int, max_log2n: int = 24,
 
 def run_bench(device: torch.device, dtypes, T: int, log2ns, modes=MODES, budget_s: float = 0.3,
               deadline_s: float = 240.0, compiled: bool = True, meta: Optional[dict] = None,
-              log=print) -> dict:
+              log=print, only=None) -> dict:
     """CF's backends vs LIFNode and the copy on ``[T, 2^log2n]`` inputs; the payload of the JSON
     (``meta``, ``config``, ``notes``, ``rows``, ``targets``). Cases that no longer fit the
     deadline are recorded as skipped; errors are recorded and the run goes on."""
@@ -337,7 +338,7 @@ def run_bench(device: torch.device, dtypes, T: int, log2ns, modes=MODES, budget_
     for dtype in dtypes:
         dtype_name = _dtype_name(dtype)
         cands = []  # (name, kind, obj)
-        for name, (fn, why) in cf_candidates(device, dtype, compiled).items():
+        for name, (fn, why) in cf_candidates(device, dtype, compiled, only).items():
             label = f'CF[{name}]'
             if fn is None:
                 notes.append(f'{dtype_name} {label}: {why}')
@@ -439,7 +440,7 @@ def run_bench(device: torch.device, dtypes, T: int, log2ns, modes=MODES, budget_
     meta['total_s'] = round(time.perf_counter() - began, 1)
     config = dict(device=str(device), dtypes=[_dtype_name(d) for d in dtypes], T=T,
                   log2n=list(log2ns), modes=list(modes), budget_s=budget_s,
-                  deadline_s=deadline_s, compiled=compiled)
+                  deadline_s=deadline_s, compiled=compiled, backends=only)
     return dict(meta=meta, config=config, notes=notes, rows=rows, targets=targets)
 
 

@@ -416,9 +416,11 @@ def format_table(rows: List[Row]) -> str:
 
 
 def run_check(quick: bool = False, only_backends=None, only_devices=None, only_dtypes=None,
-              only_surrogates=None, progress: bool = True, out=None) -> dict:
+              only_surrogates=None, progress: bool = True, out=None,
+              deadline_s: Optional[float] = None) -> dict:
     """Run the check; returns the report (``passed``, ``rows``, ``not_checked``, environment).
-    Prints the table and the failures to ``out`` (default ``sys.stdout``)."""
+    Prints the table and the failures to ``out`` (default ``sys.stdout``). Rows not started
+    within ``deadline_s`` seconds are listed as not checked (and ``complete`` is ``False``)."""
     from . import _info
     out = sys.stdout if out is None else out
     began = time.perf_counter()
@@ -433,6 +435,11 @@ def run_check(quick: bool = False, only_backends=None, only_devices=None, only_d
     done = []
     try:
         for device, row in rows:
+            if deadline_s is not None and time.perf_counter() - began > deadline_s:
+                skipped.append(dict(backend=row.backend, device=row.device,
+                                    reason=f'{row.dtype} {row.surrogate}: not started within '
+                                           f'--deadline-s {deadline_s:g}'))
+                continue
             done.append(run_row(device, row, quick, bar))
     finally:
         bar.close()
@@ -454,6 +461,7 @@ def run_check(quick: bool = False, only_backends=None, only_devices=None, only_d
     else:
         print(f'all {len(done)} rows passed ({seconds:.1f} s)', file=out)
     return dict(tool='python -m spikingjelly_cf check', quick=quick,
+                complete=len(done) == len(rows),
                 date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                 passed=passed, seconds=round(seconds, 2), tolerances=_tolerances(),
                 margin=_probe.MARGIN, sizes={str(d): sizes(d, quick).__dict__
