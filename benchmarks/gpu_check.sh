@@ -10,7 +10,8 @@
 #                                                        SpikingJelly's LIFNode, T=8, the largest
 #                                                        N <= 2^24 that fits
 #   5. benchmarks/first_use_cost.py                      the first-use check's one-time cost
-#   6. `bench` against SpikingJelly 2.0's LIFNode, if time is left
+#   6. if time is left: `check` of the inductor backend, `bench` against SpikingJelly 2.0's
+#      LIFNode, benchmarks/bench_protocol.py on CUDA
 # Every step has its own timeout (a share of GPU_CHECK_BUDGET_S, default 420 s); a step that
 # fails or times out is logged and the script goes on. Run it from anywhere:
 #   bash benchmarks/gpu_check.sh
@@ -26,7 +27,10 @@
 #   run(command='GPU_CHECK_EXPORT=$OUT bash benchmarks/gpu_check.sh',
 #       carry=['benchmarks/wheels'], timeout_s=600)
 # GPU_CHECK_EXPORT=<folder> copies the summary, the log, the JSON reports and a tarball of the
-# whole results folder there at the end (the tool brings back 8 files).
+# whole results folder there at the end (the tool brings back 8 files); to commit the results,
+# extract it here: tar xzf results.tar.gz -C benchmarks/results. The default budget (420 s),
+# the machine's cold start (2-4 min) and the transfers fit in the 15 minutes with a margin, but
+# leave no time for a second full run.
 #
 # Results: benchmarks/results/<YYYY-MM-DD>_<gpu>/
 #   gpu_check.log      everything printed          gpu_check.json  summary (exit codes, counts,
@@ -173,6 +177,11 @@ LIMIT=$(cap 80)
 step bench_sj2 "$LIMIT" env PYTHONPATH="$SJ2_PATH:$PYTHONPATH" "$PY" -m spikingjelly_cf bench \
   --device "$DEV" --dtypes float32 --backends cupy triton "${QUICK[@]}" \
   --deadline-s $(( LIMIT > 50 ? LIMIT - 30 : 20 )) --json "$RESULTS/bench_sj2.json"
+# -- 7. if time is left: the open-neuromorphic protocol on CUDA (bench_protocol.py) -------------------
+if [ ${#QUICK[@]} -eq 0 ] && [ -f benchmarks/bench_protocol.py ]; then
+  step bench_protocol "$(cap 120)" "$PY" benchmarks/bench_protocol.py --device "$DEV" --no-long-T \
+    --max-call-s 20 --out "$(dirname "$RESULTS")"
+fi
 
 # -- summary ------------------------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
