@@ -298,9 +298,10 @@ def _compile_smoke(name: str, device: torch.device, dtype: torch.dtype, quick: b
     sg = _probe.make_surrogate('tsg', 8, seed=4, device=device)
     p = DEFAULT_PARAMS
     inp = _probe.make_inputs(8, 517, dtype, device, p, sg, 'tsg', 0, ('s',), seed=4)
+    kwargs = p.kwargs()
 
     def step(x, v):
-        s, v_last, _, _ = cf_multi_step(x, v, surrogate_function=sg, backend=name, **p.kwargs())
+        s, v_last, _, _ = cf_multi_step(x, v, surrogate_function=sg, backend=name, **kwargs)
         return s, v_last
 
     torch._dynamo.reset()

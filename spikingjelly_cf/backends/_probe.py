@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -79,7 +79,8 @@ class Params:
     detach_reset: bool = False
 
     def kwargs(self) -> dict:
-        return asdict(self)
+        """The keyword arguments of a multi-step function (a plain dict: no deep copy)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 #: CFNode's defaults.
