@@ -195,9 +195,14 @@ def test_check_runs_outside_compiled_graph(triton_first, monkeypatch):
 
 
 def test_check_leaves_caller_state_alone(triton_first):
-    """The probe runs with grad mode on and modes off, whatever the caller has set, and
-    restores deterministic mode."""
+    """The probe runs with grad mode on and modes off, whatever the caller has set, restores
+    deterministic mode and leaves the global random state alone."""
     x = torch.randn(8, 30)
+    state = torch.get_rng_state()
+    assert resolve_backend('auto', x, TSG(8)) == 'triton'
+    assert len(_probe.first_use_log()) == 1
+    assert torch.equal(torch.get_rng_state(), state), 'the check drew from the global generator'
+    _probe.clear_first_use_cache()
     with torch.inference_mode():
         assert resolve_backend('auto', x, CFRect()) == 'triton'
     _probe.clear_first_use_cache()

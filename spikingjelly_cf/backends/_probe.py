@@ -20,7 +20,9 @@ such a backend for a key ``(device, dtype, surrogate kind, k_pos, k_neg, detach_
 dispatcher (:func:`spikingjelly_cf.functional.neuron.resolve_backend`) calls
 :func:`first_use_check`: a forward and backward pass on ``T = 8``, ``N = 4101`` (CUDA) or
 ``N = 1029`` (CPU tensors, Triton's interpreter), plus a ``no_grad`` forward, against the float64
-reference. The verdict is cached per process. It runs outside any traced graph (the dispatcher
+reference. The verdict is cached per process. It draws its inputs from generators of its own
+(the global random state is untouched), and is skipped (not cached) while a CUDA graph is being
+captured. It runs outside any traced graph (the dispatcher
 reaches it through a ``torch.compiler.assume_constant_result`` function, and the probe itself
 leaves fake-tensor and dispatch modes, inference mode, autocast and deterministic mode while it
 runs). Setting the environment variable ``SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK=1`` skips it.
@@ -408,6 +410,8 @@ def first_use_check(name: str, fn: Callable, device, dtype: torch.dtype, kind: s
     if os.environ.get(DISABLE_ENV, '') not in ('', '0'):
         return ''
     device = torch.device(device)
+    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+        return ''  # no launches while a CUDA graph is captured: checked at the next eager call
     key = (name, str(device), dtype, kind, int(k_pos), int(k_neg), bool(detach_reset))
     with _lock:
         verdict = _verdicts.get(key)
