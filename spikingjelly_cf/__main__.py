@@ -116,10 +116,16 @@ def _info(args) -> int:
 def _check(args) -> int:
     from . import _check
     progress = not args.no_progress and sys.stderr.isatty()
-    report = _check.run_check(quick=args.quick, only_backends=args.backends,
-                              only_devices=args.devices, only_dtypes=args.dtypes,
-                              only_surrogates=args.surrogates, progress=progress,
-                              deadline_s=args.deadline_s)
+    try:
+        report = _check.run_check(quick=args.quick, only_backends=args.backends,
+                                  only_devices=args.devices, only_dtypes=args.dtypes,
+                                  only_surrogates=args.surrogates, progress=progress,
+                                  deadline_s=args.deadline_s)
+    except SystemExit as exc:  # a bad option value: a usage error, as argparse's
+        if isinstance(exc.code, str):
+            print(f'python -m spikingjelly_cf check: error: {exc.code}', file=sys.stderr)
+            return 2
+        raise
     report['command'] = ' '.join(['python -m spikingjelly_cf'] + sys.argv[1:])
     if args.json:
         _write_json(args.json, report)

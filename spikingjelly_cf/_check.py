@@ -119,6 +119,21 @@ def plan(quick: bool, only_backends=None, only_devices=None, only_dtypes=None,
     """The rows to run, and what is not checked here (with the reason)."""
     rows, skipped = [], []
     names = ['torch'] + list(backends.KERNEL_BACKENDS)
+    if only_surrogates:
+        known = [n.lower() for n in _probe.KIND_NAMES.values()]
+        unknown = [sg for sg in only_surrogates if sg.lower() not in known]
+        if unknown:
+            raise SystemExit(f'--surrogates: unknown {unknown}; surrogates are '
+                             f'{list(_probe.KIND_NAMES.values())}')
+    if only_devices:
+        for name in only_devices:
+            try:
+                wanted = torch.device(name)
+            except RuntimeError as exc:
+                raise SystemExit(f'--devices: {name!r} is not a device ({exc})')
+            if wanted.type == 'cuda' and not torch.cuda.is_available():
+                skipped.append(dict(backend='every backend', device=name,
+                                    reason='PyTorch sees no CUDA device'))
     if only_backends:
         unknown = [b for b in only_backends if b not in names]
         if unknown:
@@ -445,7 +460,8 @@ def run_check(quick: bool = False, only_backends=None, only_devices=None, only_d
     finally:
         bar.close()
     passed = bool(done) and all(r.passed for r in done)
-    print(format_table(done), file=out)
+    if done:
+        print(format_table(done), file=out)
     for s in skipped:
         print(f"not checked: {s['backend']} on {s['device']}: {s['reason']}", file=out)
     failed = [r for r in done if not r.passed]

@@ -247,3 +247,13 @@ def test_bench_quick(tmp_path):
             assert cf['status'] == 'ok' and 0 < cf['frac_copy'] and cf['N'] == 2 ** 14
             assert cf['ratio_vs_lif'] > 0
     assert 'candidate' in proc.stdout and 'of copy' in proc.stdout
+
+
+def test_bad_options_are_usage_errors(capsys):
+    assert cli.main(['check', '--surrogates', 'Foo']) == 2
+    assert "--surrogates: unknown ['Foo']; surrogates are ['CFRect', 'TSG'" in capsys.readouterr().err
+    assert cli.main(['check', '--backends', 'cuda']) == 2
+    assert "--backends: unknown ['cuda']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(['check', '--dtypes', 'int8'])
+    assert info.value.code == 2
