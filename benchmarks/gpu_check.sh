@@ -147,7 +147,8 @@ step info "$(cap 60)" "$PY" -m spikingjelly_cf info --json "$RESULTS/info.json"
 # -- 2. check: the GPU backends against the float64 reference -------------------------------------
 LIMIT=$(cap 200)
 step check "$LIMIT" "$PY" -m spikingjelly_cf check --devices "$DEV" --backends torch cupy triton \
-  "${QUICK[@]}" --no-progress --deadline-s $(( LIMIT - 40 )) --json "$RESULTS/check.json"
+  "${QUICK[@]}" --no-progress --deadline-s $(( LIMIT > 120 ? LIMIT - 40 : LIMIT * 2 / 3 )) \
+  --json "$RESULTS/check.json"
 CHECK_RC=$(awk '$1 == "check" {print $2}' "$STEPS")
 
 # -- 3. the GPU tests -----------------------------------------------------------------------------
@@ -158,7 +159,7 @@ PYTEST_RC=$(awk '$1 == "pytest_gpu" {print $2}' "$STEPS")
 # -- 4. bench: CF's backends vs SpikingJelly 0.0.0.0.14's LIFNode ---------------------------------
 LIMIT=$(cap 130)
 step bench "$LIMIT" "$PY" -m spikingjelly_cf bench --device "$DEV" --backends cupy triton \
-  "${QUICK[@]}" --deadline-s $(( LIMIT - 30 )) --json "$RESULTS/bench.json"
+  "${QUICK[@]}" --deadline-s $(( LIMIT > 60 ? LIMIT - 30 : LIMIT / 2 )) --json "$RESULTS/bench.json"
 
 # -- 5. the first-use check's one-time cost ------------------------------------------------------
 for backend in triton cupy; do

@@ -240,7 +240,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                                text=True)
         assert check.returncode == 0, check.stderr
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DEVICE='cpu', GPU_CHECK_QUICK='1',
-               GPU_CHECK_BUDGET_S='100', GPU_CHECK_RESULTS=str(tmp_path / 'results'),
+               GPU_CHECK_BUDGET_S='150', GPU_CHECK_RESULTS=str(tmp_path / 'results'),
                GPU_CHECK_SITE=str(tmp_path / 'site'), GPU_CHECK_EXPORT=str(tmp_path / 'export'))
     proc = subprocess.run(['bash', os.path.join(BENCH, 'gpu_check.sh')], capture_output=True,
                           text=True, timeout=400, env=env, cwd=REPO)
@@ -249,7 +249,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     steps = summary['steps']
     assert steps['info']['exit_status'] == 0 and steps['check']['exit_status'] == 0, steps
     assert summary['check']['passed'] and summary['check']['rows'] >= 4
-    assert summary['total_s'] <= 100 + 30, 'the budget holds'
+    assert summary['total_s'] <= 150 + 30, 'the budget holds'
     for name in ('gpu_check.json', 'gpu_check.log', 'check.json', 'info.json', 'results.tar.gz'):
         assert (tmp_path / 'export' / name).is_file(), name
     assert len(os.listdir(tmp_path / 'export')) <= 8  # what the device tool brings back
