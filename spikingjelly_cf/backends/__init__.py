@@ -142,6 +142,9 @@ def first_use_check(name: str, device: torch.device, dtype: torch.dtype, kind: s
     A constant for ``torch.compile``: it runs once, outside the traced graph. Always '' for the
     backends not in :data:`RUNTIME_COMPILED`, and when the environment variable
     ``SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK`` is set to anything but '' or '0'.
+
+    >>> first_use_check('cpp', torch.device('cpu'), torch.float32, 'rect', 2, 2, False)
+    ''
     """
     if name not in RUNTIME_COMPILED:
         return ''
@@ -156,6 +159,9 @@ def deterministic_ok(name: str, kind: str) -> bool:
 
     Only ``'cupy'`` with TSG is not: it sums the gradient of each :math:`a_t` with one
     ``atomicAdd`` per thread block, whose order varies between runs.
+
+    >>> deterministic_ok('cupy', 'tsg')  # torch.use_deterministic_algorithms is not set
+    True
     """
     if not torch.are_deterministic_algorithms_enabled():
         return True
