@@ -96,6 +96,8 @@ COMMANDS = {
     'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj0.0.0.0.14.json'),
     'pip install .[benchmarks]': skip('optional peers (snnTorch, Norse) for the benchmarks; bench_protocol.py runs without them and says which it found'),
     'bash benchmarks/gpu_check.sh': skip('needs a CUDA GPU with CuPy (nvidia-smi); CI has none (tests/test_benchmarks.py runs it on the CPU, GPU_CHECK_DEVICE=cpu)'),
+    'python -m spikingjelly_cf check': smoke('python -m spikingjelly_cf check --quick --backends cpp --surrogates CFRect --no-progress --json {tmp}/check.json', creates='{tmp}/check.json'),
+    'python -m spikingjelly_cf bench': smoke('python -m spikingjelly_cf bench --quick --device cpu --log2n 10 --json {tmp}/bench.json', creates='{tmp}/bench.json'),
     'bash benchmarks/fetch_gpu_wheels.sh': skip('downloads wheels from PyPI for an offline GPU machine; tests/test_benchmarks.py checks its syntax'),
     'pip install .': skip(_PIP),
     'pip install .[cuda12]': skip('needs CUDA (cupy-cuda12x); CI has no GPU'),
