@@ -10,6 +10,10 @@ If the extension is not built (no compiler at install time), :func:`available` i
 :func:`unavailable_reason` says why, and the dispatcher uses the reference with a one-time
 warning. Setting the environment variable ``SPIKINGJELLY_CF_DISABLE_CPP=1`` disables the backend.
 Build it in a source checkout with ``python setup.py build_ext --inplace``.
+
+``SPIKINGJELLY_CF_CPP_LIBRARY=path/to/lib.so`` loads that shared library instead of the installed
+extension (same C functions and ABI version): a build of your own, e.g. to run
+``python -m spikingjelly_cf check`` on it.
 """
 import ctypes
 import importlib.util
@@ -44,23 +48,30 @@ def _load():
         if os.environ.get('SPIKINGJELLY_CF_DISABLE_CPP', '') not in ('', '0'):
             _reason = 'disabled by SPIKINGJELLY_CF_DISABLE_CPP'
             return None
+        origin = os.environ.get('SPIKINGJELLY_CF_CPP_LIBRARY', '')
+        if origin:
+            if not os.path.isfile(origin):
+                _reason = f'SPIKINGJELLY_CF_CPP_LIBRARY={origin} is not a file'
+                return None
+        else:
+            try:
+                spec = importlib.util.find_spec('spikingjelly_cf._cf_cpu')
+            except (ImportError, ValueError):  # pragma: no cover - broken package layout
+                spec = None
+            if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+                _reason = ('the compiled CPU kernel spikingjelly_cf._cf_cpu is not built (install '
+                           'with a C compiler that supports OpenMP, or run '
+                           '`python setup.py build_ext --inplace` in a source checkout)')
+                return None
+            origin = spec.origin
         try:
-            spec = importlib.util.find_spec('spikingjelly_cf._cf_cpu')
-        except (ImportError, ValueError):  # pragma: no cover - broken package layout
-            spec = None
-        if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-            _reason = ('the compiled CPU kernel spikingjelly_cf._cf_cpu is not built (install with '
-                       'a C compiler that supports OpenMP, or run '
-                       '`python setup.py build_ext --inplace` in a source checkout)')
-            return None
-        try:
-            lib = ctypes.CDLL(spec.origin)
+            lib = ctypes.CDLL(origin)
             version = lib.cf_cpu_abi_version()
         except (OSError, AttributeError) as exc:
-            _reason = f'cannot load {spec.origin}: {exc}'
+            _reason = f'cannot load {origin}: {exc}'
             return None
         if version != _ABI_VERSION:
-            _reason = (f'{spec.origin} has kernel ABI {version}, this Python code needs '
+            _reason = (f'{origin} has kernel ABI {version}, this Python code needs '
                        f'{_ABI_VERSION}: rebuild it (`python setup.py build_ext --inplace`)')
             return None
         lib.cf_cpu_forward.restype = _i32
@@ -76,7 +87,7 @@ def _load():
         lib.cf_cpu_backward_ex.restype = _i32
         lib.cf_cpu_backward_ex.argtypes = [_i32, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64,
                                            _i64, _f32, _f32, _f64, _f64, _i32, _i32, _i32, _i32]
-        _lib, _path = lib, spec.origin
+        _lib, _path = lib, origin
         return _lib
 
 

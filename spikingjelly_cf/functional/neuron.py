@@ -40,7 +40,8 @@ def _warn_once(key: str, message: str) -> bool:
     return True
 
 
-def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0) -> str:
+def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0,
+                    *, k_pos: int = 2, k_neg: int = 2, detach_reset: bool = False) -> str:
     """The backend that will run this call (a name of :data:`BACKENDS` other than ``'auto'``).
 
     ``'auto'`` (or ``None``) tries the kernel backends of ``backends.AUTO_ORDER`` for the
@@ -49,6 +50,15 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     with a one-time warning when a kernel was expected (float32/half) but cannot run. An explicit
     kernel backend that cannot run the call raises a clear error, except for dtypes the kernel
     does not cover, which use the reference.
+
+    Kernels compiled at run time (``backends.RUNTIME_COMPILED``: ``'cupy'``, ``'triton'``) must
+    first pass their first-use check for the key ``(device, dtype, surrogate kind, k_pos, k_neg,
+    detach_reset)`` (``backends.first_use_check``: once per key and process, against the
+    reference; ``SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK=1`` skips it). ``'auto'`` passes over a
+    kernel that failed it, with a one-time warning, and an explicit ``backend=`` raises
+    ``RuntimeError`` with the same message. Under ``torch.use_deterministic_algorithms(True)``
+    ``'auto'`` also passes over a kernel that is not deterministic for the surrogate
+    (``backends.deterministic_ok``: CuPy's TSG gradient).
     """
     if backend is None:
         backend = 'auto'
@@ -56,11 +66,12 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if backend == 'torch':
         return 'torch'
-    supported_sg = kernel_kind(surrogate_function) is not None
+    kind = kernel_kind(surrogate_function)
+    supported_sg = kind is not None
     device_type = x_seq.device.type
     if backend == 'auto':
         candidates = [name for name in _backends.AUTO_ORDER.get(device_type, ())
-                      if x_seq.dtype in _backends.KERNEL_BACKENDS[name].get(device_type, ())]
+                      if x_seq.dtype in _backends.kernel_dtypes(name, device_type)]
         if not candidates:
             return 'torch'
         if not supported_sg:
@@ -69,14 +80,32 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                        f'spiking mode; {type(surrogate_function).__name__} runs on the reference '
                        f"'torch' backend (slower).")
             return 'torch'
+        nondeterministic = None
         for name in candidates:
-            if _backends.is_available(name):
-                return name
+            if not _backends.is_available(name):
+                continue
+            if not _backends.deterministic_ok(name, kind):
+                nondeterministic = name
+                continue
+            failure = _backends.first_use_check(name, x_seq.device, x_seq.dtype, kind, k_pos,
+                                                k_neg, detach_reset)
+            if failure:
+                _warn_once(f'first-use-{failure}',
+                           f"CFNode: {failure}. backend='auto' does not use {name!r} for this "
+                           f"configuration in this process.")
+                continue
+            return name
         name = candidates[0]
-        _warn_once(f'unavailable-{name}',
-                   f"CFNode: backend '{name}' is unavailable "
-                   f"({_backends.unavailable_reason(name)}); "
-                   f"using the reference 'torch' backend (slower).")
+        if not _backends.is_available(name):
+            _warn_once(f'unavailable-{name}',
+                       f"CFNode: backend '{name}' is unavailable "
+                       f"({_backends.unavailable_reason(name)}); "
+                       f"using the reference 'torch' backend (slower).")
+        elif nondeterministic is not None:
+            _warn_once(f'nondeterministic-{nondeterministic}-{kind}',
+                       f"CFNode: backend {nondeterministic!r} is not deterministic for "
+                       f"{type(surrogate_function).__name__} and torch.use_deterministic_algorithms"
+                       f"(True) is set; using the reference 'torch' backend (slower).")
         return 'torch'
     # explicit kernel backend
     table = _backends.KERNEL_BACKENDS[backend]
@@ -92,6 +121,12 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                            f'{_backends.unavailable_reason(backend)}')
     if x_seq.dtype not in dtypes:
         return 'torch'  # dtypes the kernel does not cover use the reference
+    failure = _backends.first_use_check(backend, x_seq.device, x_seq.dtype, kind, k_pos, k_neg,
+                                        detach_reset)
+    if failure:
+        raise RuntimeError(f'{failure}. Use another backend (or backend=\'auto\', which passes '
+                           f'over it), or set SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK=1 to use it '
+                           f'anyway.')
     return backend
 
 
@@ -125,7 +160,8 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
         surrogate_function = CFRect()
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    name = resolve_backend(backend, x_seq, surrogate_function, t_start)
+    name = resolve_backend(backend, x_seq, surrogate_function, t_start, k_pos=p['k_pos'],
+                           k_neg=p['k_neg'], detach_reset=p['detach_reset'])
     fn = _backends.get(name)
     extra = {}
     if memory == 'lean':
