@@ -30,9 +30,11 @@ def _require_extension():
         pytest.fail(message + ' (set SPIKINGJELLY_CF_ALLOW_NO_EXT=1 to skip)')
 
 
-def make_surrogate(name: str, alpha: float, tsg_steps: int):
+def make_surrogate(name: str, alpha, tsg_steps: int):
+    """``alpha`` None: CFRect's default height (1/theta per side), 1.0 for the other kinds."""
     if name == 'rect':
         return CFRect(alpha=alpha)
+    alpha = 1.0 if alpha is None else alpha
     if name == 'tsg':
         sg = TSG(T=tsg_steps)
         with torch.no_grad():  # distinct a_t per step
@@ -92,7 +94,7 @@ def configs(draw):
     T = draw(st.integers(1, 6))
     n = draw(st.integers(1, 41))  # odd and even neuron counts
     tail = draw(st.sampled_from([(n,), (n, 2), (2, n, 1)]))
-    theta_p = draw(st.floats(0.25, 2.0))
+    theta_p = draw(st.floats(0.25, 4.0))
     theta_n = -theta_p * draw(st.sampled_from([1.0, 0.5, 1.7]))
     sg_name = draw(st.sampled_from(['rect', 'tsg', 'sigmoid', 'atan']))
     t_start = draw(st.integers(0, 2)) if sg_name == 'tsg' else 0
@@ -110,7 +112,7 @@ def configs(draw):
         return_v_seq=draw(st.booleans()),
     )
     return dict(T=T, tail=tail, kwargs=kwargs, sg_name=sg_name, tsg_steps=tsg_steps,
-                alpha=draw(st.sampled_from([0.5, 1.0, 2.0])),
+                alpha=draw(st.sampled_from([None, 0.5, 1.0, 2.0])),
                 scale=draw(st.sampled_from([0.5, 1.5, 3.0])),
                 v0_scale=draw(st.sampled_from([0.0, 1.0])),
                 grads=draw(st.fixed_dictionaries({k: st.booleans()
@@ -146,7 +148,7 @@ def test_cpp_many_blocks(sg_name, k_pos, k_neg, N):
     kwargs = dict(tau=2.0, decay_input=True, v_threshold=0.7, v_threshold_neg=-0.9, k_pos=k_pos,
                   k_neg=k_neg, detach_reset=False, t_start=0, return_h_seq=True,
                   return_v_seq=True)
-    compare(x, v, make_surrogate(sg_name, 1.0, T), kwargs, upstream)
+    compare(x, v, make_surrogate(sg_name, None, T), kwargs, upstream)  # CFRect: 1/0.7, 1/0.9
 
 
 def test_tsg_gradient_deterministic_across_thread_counts():

@@ -143,7 +143,23 @@ def test_many_programs_ragged_block(sg_name, k_pos, k_neg):
     kwargs = dict(tau=2.0, decay_input=True, v_threshold=0.7, v_threshold_neg=-0.9, k_pos=k_pos,
                   k_neg=k_neg, detach_reset=False, t_start=0, return_h_seq=True,
                   return_v_seq=True)
-    compare(x, torch.randn(N), make_surrogate(sg_name, 1.0, T), kwargs, upstream)
+    compare(x, torch.randn(N), make_surrogate(sg_name, None, T), kwargs, upstream)
+
+
+@pytest.mark.parametrize('theta_p,theta_n', [(0.5, -0.85), (1.0, -0.6), (4.0, -6.8)])
+@pytest.mark.parametrize('alpha', [None, 0.7])
+def test_rect_heights_at_several_thresholds(theta_p, theta_n, alpha):
+    """CFRect's default height 1/theta per side (docs/method.md, section 2) and an explicit one,
+    asymmetric thresholds from 0.5 to 6.8."""
+    tb.BLOCK = 32
+    T, N = 5, 70
+    scale = max(theta_p, -theta_n)
+    x = torch.randn(T, N) * 1.5 * scale
+    upstream = {'s': torch.randn(T, N), 'v_last': torch.randn(N), 'h': torch.randn(T, N),
+                'v_seq': torch.randn(T, N)}
+    kwargs = dict(tau=1.7, v_threshold=theta_p, v_threshold_neg=theta_n, k_pos=2, k_neg=2,
+                  return_h_seq=True, return_v_seq=True)
+    compare(x, torch.randn(N) * 0.3 * scale, CFRect(alpha=alpha), kwargs, upstream)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)

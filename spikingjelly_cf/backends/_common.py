@@ -12,6 +12,10 @@ from ..surrogate import KERNEL_SURROGATES, CFRect, surrogate_spec
 #: Kernel codes of the surrogate kinds; the same numbers as ``CF_RECT`` ... in ``csrc/cf_step.h``.
 KIND_CODES = {'rect': 0, 'tsg': 1, 'sigmoid': 2, 'atan': 3}
 
+#: The ``alpha`` a kernel receives for :class:`~spikingjelly_cf.surrogate.CFRect`'s default height
+#: (``1/theta`` per side); ``CF_RECT_DEFAULT_HEIGHT`` in ``csrc/cf_step.h``.
+RECT_DEFAULT_HEIGHT = 0.0
+
 
 
 class Call(NamedTuple):
@@ -19,6 +23,7 @@ class Call(NamedTuple):
     x: torch.Tensor          # [T, N] contiguous, differentiable view/copy of x_seq
     v0: torch.Tensor         # [N] contiguous, x's dtype (float32 on the CPU)
     alpha: torch.Tensor      # [T] float32: a_t for TSG (differentiable), else the constant alpha
+                             # (RECT_DEFAULT_HEIGHT for CFRect's default height 1/theta)
     kind: str                # 'rect', 'tsg', 'sigmoid', 'atan'
     k: float                 # 1 - 1/tau
     c: float                 # 1/tau if decay_input else 1
@@ -54,7 +59,8 @@ def prepare(backend: str, x_seq: torch.Tensor, v, tau: float, decay_input: bool,
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.to(device=x_seq.device, dtype=torch.float32).reshape(T).contiguous()
     else:
-        alpha = torch.full((T,), float(alpha), dtype=torch.float32, device=x_seq.device)
+        alpha = torch.full((T,), RECT_DEFAULT_HEIGHT if alpha is None else float(alpha),
+                           dtype=torch.float32, device=x_seq.device)
     if not isinstance(v, torch.Tensor):
         v = torch.as_tensor(v, dtype=x_seq.dtype, device=x_seq.device)
     v = v.to(device=x_seq.device, dtype=v_dtype or x_seq.dtype)

@@ -24,7 +24,7 @@ from ._ops import define_kernel_ops, lean_dtype
 
 __all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache']
 
-_ABI_VERSION = 2  # CF_ABI_VERSION in csrc/cf_cpu.c
+_ABI_VERSION = 3  # CF_ABI_VERSION in csrc/cf_cpu.c
 
 _lock = threading.Lock()
 _lib = None

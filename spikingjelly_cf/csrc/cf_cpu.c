@@ -69,7 +69,7 @@
 #define CF_BLOCK_MIN 512
 #define CF_BLOCK_MAX 8192
 #define CF_SCRATCH_ARRAYS 6 /* per-neuron arrays a block function may need */
-#define CF_ABI_VERSION 2
+#define CF_ABI_VERSION 3
 
 static const float cf_zeros[CF_BLOCK_MAX] = {0.0f};
 
@@ -456,13 +456,15 @@ CF_ALWAYS_INLINE void cf_backward_block_any(const int kind, const cf_bwd_args *a
         const float *restrict gvt = a->grad_v_seq ? a->grad_v_seq + off : cf_zeros;
         float *restrict gxt = a->grad_x + off;
         const float al = a->alpha[t];
-        float ga = 0.0f;
+        float ga = 0.0f, al_p, al_n;
         const float *restrict ht;
         if (kind == CF_RECT && a->code_seq) { /* memory-lean CFRect: from the window codes */
             cf_backward_row_code(a->code_seq + off, gst, gvt, ght, al, &q, nb, gxt, carry);
             continue;
         }
         ht = cf_h_row(a, off, nb, hd);
+        al_p = cf_side_alpha_pos(kind, al, &q);
+        al_n = cf_side_alpha_neg(kind, al, &q);
         for (i = 0; i < nb; ++i) {
             sp[i] = 0.0f;
             sn[i] = 0.0f;
@@ -473,7 +475,7 @@ CF_ALWAYS_INLINE void cf_backward_block_any(const int kind, const cf_bwd_args *a
             const float lv = a->lp[j];
             for (i = 0; i < nb; ++i) {
                 const float xd = cf_dist_pos(ht[i], lv);
-                sp[i] += cf_surrogate_grad(kind, xd, al, hw_p);
+                sp[i] += cf_surrogate_grad(kind, xd, al_p, hw_p);
                 if (tsg)
                     pp[i] += cf_tsg_psi(xd, al);
             }
@@ -482,7 +484,7 @@ CF_ALWAYS_INLINE void cf_backward_block_any(const int kind, const cf_bwd_args *a
             const float lv = a->ln[j];
             for (i = 0; i < nb; ++i) {
                 const float xd = cf_dist_neg(ht[i], lv);
-                sn[i] += cf_surrogate_grad(kind, xd, al, hw_n);
+                sn[i] += cf_surrogate_grad(kind, xd, al_n, hw_n);
                 if (tsg)
                     pn[i] += cf_tsg_psi(xd, al);
             }
@@ -564,7 +566,7 @@ static void cf_backward_body(void *ctx, int64_t b, int64_t n0, int64_t nb, float
  * uint8 window codes of cf_cpu_forward_ex) or h16_seq (binary16 h) is given instead;
  * grad_s, grad_h, grad_v_seq: [T, N] or
  * NULL (zero); grad_v_last: [N] or NULL; alpha: [T] (a_t for TSG, the constant
- * alpha otherwise).  Writes grad_x [T, N], grad_v0 [N] and, when grad_alpha is
+ * alpha otherwise, CF_RECT_DEFAULT_HEIGHT for CFRect's default heights).  Writes grad_x [T, N], grad_v0 [N] and, when grad_alpha is
  * not NULL (TSG), grad_alpha [T] = sum over neurons, reduced per block in
  * float32, then over blocks in double in a fixed order (deterministic for any
  * thread count).  Returns 0, or -1 if a scratch buffer cannot be allocated.

@@ -44,12 +44,16 @@
 #endif
 
 /* Surrogate kinds (backends/source.py and backends/cpp.py use the same numbers). */
-#define CF_RECT 0    /* CFRect, Eq. 14: alpha * 1[|x| < theta/2]                    */
+#define CF_RECT 0    /* CFRect, Eq. 14: height * 1[|x| < theta/2] (cf_rect_height_*)   */
 #define CF_TSG 1     /* TSG, Eq. 15-17: max(0, a * (1 - a|x|)), a learnable per step  */
 #define CF_SIGMOID 2 /* SpikingJelly Sigmoid: alpha * sig(alpha x) * (1 - sig(alpha x)) */
 #define CF_ATAN 3    /* SpikingJelly ATan: alpha / 2 / (1 + (pi/2 * alpha * x)^2)       */
 
 #define CF_PI_2 1.57079632679489661923f
+
+/* CFRect's alpha for its default height (docs/method.md, section 2): 1/theta_p on positive levels,
+ * 1/|theta_n| on negative ones.  Any alpha > 0 is the height on both sides. */
+#define CF_RECT_DEFAULT_HEIGHT 0.0f
 
 /* Everything that is constant over a call. */
 typedef struct cf_params {
@@ -59,6 +63,8 @@ typedef struct cf_params {
     float theta_n;    /* float32(theta_n) < 0                                  */
     double theta_p_d; /* the same thresholds in double, to round the levels    */
     double theta_n_d;
+    float inv_theta_p; /* float32(1 / theta_p), float32(1 / |theta_n|) in double: CFRect's     */
+    float inv_theta_n; /* default heights, rounded like PyTorch's tensor-times-Python-float  */
     int k_pos;        /* K_P >= 1 */
     int k_neg;        /* K_N >= 0 */
     int detach_reset; /* 1: d v / d h = 1 in the backward pass                 */
@@ -76,6 +82,8 @@ CF_HD cf_params cf_make_params(float k, float c, double theta_p, double theta_n,
     p.theta_n = (float)theta_n;
     p.theta_p_d = theta_p;
     p.theta_n_d = theta_n;
+    p.inv_theta_p = (float)(1.0 / theta_p);
+    p.inv_theta_n = (float)(-1.0 / theta_n);
     p.k_pos = k_pos;
     p.k_neg = k_neg;
     p.detach_reset = detach_reset;
@@ -88,9 +96,20 @@ CF_HD float cf_level(int j, double theta_d)
     return (float)((double)j * theta_d);
 }
 
+/* The alpha cf_surrogate_grad takes on each side: for CFRect its height there (the given
+ * alpha, or by default 1/theta of that side), for the other kinds alpha itself. */
+CF_HD float cf_side_alpha_pos(int kind, float alpha, const cf_params *p)
+{
+    return (kind == CF_RECT && alpha == CF_RECT_DEFAULT_HEIGHT) ? p->inv_theta_p : alpha;
+}
+CF_HD float cf_side_alpha_neg(int kind, float alpha, const cf_params *p)
+{
+    return (kind == CF_RECT && alpha == CF_RECT_DEFAULT_HEIGHT) ? p->inv_theta_n : alpha;
+}
+
 /* Surrogate derivative g(x) of H at x = signed distance past one level.
- * half_width is theta/2 of that side (only CFRect uses it); alpha is the
- * surrogate's alpha, or a_t for TSG. */
+ * half_width is theta/2 of that side (only CFRect uses it); alpha is that side's
+ * cf_side_alpha_*: CFRect's height, the surrogate's alpha, or a_t for TSG. */
 CF_HD float cf_surrogate_grad(int kind, float x, float alpha, float half_width)
 {
     float ax = fabsf(x);
@@ -172,7 +191,8 @@ CF_HD cf_fwd_out cf_forward_step(float v_prev, float x, const cf_params *p)
 
 /* ----------------------------------------------------------------- backward */
 /* Per level: x = h - level (positive side) or level - h (negative side);
- *   Sp = sum_j g(x_pos_j), Sn = sum_j g(x_neg_j)      (half width theta/2 per side)
+ *   Sp = sum_j g(x_pos_j), Sn = sum_j g(x_neg_j)      (half width theta/2 and, for CFRect,
+ *                                                      height cf_side_alpha_* per side)
  *   Pp = sum_j psi(x_pos_j; a_t), Pn = sum_j psi(x_neg_j; a_t)      (TSG only)
  * then cf_backward_combine turns the four sums into the gradients. */
 
@@ -210,23 +230,25 @@ CF_HD cf_bwd_out cf_backward_combine(int kind, float sp, float sn, float pp, flo
     return o;
 }
 
-/* One reverse step of one neuron at time t (alpha = a_t for TSG) with K_P = k_pos,
- * K_N = k_neg.  kind is a compile-time constant in every caller, so the branches fold. */
+/* One reverse step of one neuron at time t (alpha = a_t for TSG, CF_RECT_DEFAULT_HEIGHT for
+ * CFRect's default) with K_P = k_pos, K_N = k_neg.  kind is a compile-time constant in every
+ * caller, so the branches fold. */
 CF_HD cf_bwd_out cf_backward_step_k(int kind, float h, float grad_s, float gv_tot, float grad_h,
                                     float alpha, const cf_params *p, int k_pos, int k_neg)
 {
     float sp = 0.0f, sn = 0.0f, pp = 0.0f, pn = 0.0f;
     const float hw_p = cf_half_width_pos(p), hw_n = cf_half_width_neg(p);
+    const float al_p = cf_side_alpha_pos(kind, alpha, p), al_n = cf_side_alpha_neg(kind, alpha, p);
     int j;
     for (j = 1; j <= k_pos; ++j) {
         float xd = cf_dist_pos(h, cf_level(j, p->theta_p_d));
-        sp += cf_surrogate_grad(kind, xd, alpha, hw_p);
+        sp += cf_surrogate_grad(kind, xd, al_p, hw_p);
         if (kind == CF_TSG)
             pp += cf_tsg_psi(xd, alpha);
     }
     for (j = 1; j <= k_neg; ++j) {
         float xd = cf_dist_neg(h, cf_level(j, p->theta_n_d));
-        sn += cf_surrogate_grad(kind, xd, alpha, hw_n);
+        sn += cf_surrogate_grad(kind, xd, al_n, hw_n);
         if (kind == CF_TSG)
             pn += cf_tsg_psi(xd, alpha);
     }
@@ -268,16 +290,17 @@ CF_HD unsigned char cf_window_code_k(float h, const cf_params *p, int k_pos, int
     return (unsigned char)(cp | (cn << 4));
 }
 
-/* Sp and Sn of CFRect from a window code: alpha added once per window, as cf_backward_step_k
- * adds it (in-window levels add alpha, the others 0.0f, which changes nothing). */
-CF_HD void cf_rect_sums_from_code(unsigned char code, float alpha, float *sp, float *sn)
+/* Sp and Sn of CFRect from a window code: each side's height added once per window, as
+ * cf_backward_step_k adds it (in-window levels add it, the others 0.0f, which changes nothing). */
+CF_HD void cf_rect_sums_from_code(unsigned char code, float height_p, float height_n, float *sp,
+                                  float *sn)
 {
     unsigned int cp = code & 15u, cn = (unsigned int)code >> 4;
     float a = 0.0f, b = 0.0f;
     for (; cp; --cp)
-        a += alpha;
+        a += height_p;
     for (; cn; --cn)
-        b += alpha;
+        b += height_n;
     *sp = a;
     *sn = b;
 }
@@ -288,7 +311,8 @@ CF_HD cf_bwd_out cf_backward_step_code(unsigned char code, float grad_s, float g
                                        float grad_h, float alpha, const cf_params *p)
 {
     float sp, sn;
-    cf_rect_sums_from_code(code, alpha, &sp, &sn);
+    cf_rect_sums_from_code(code, cf_side_alpha_pos(CF_RECT, alpha, p),
+                           cf_side_alpha_neg(CF_RECT, alpha, p), &sp, &sn);
     return cf_backward_combine(CF_RECT, sp, sn, 0.0f, 0.0f, grad_s, gv_tot, grad_h, p);
 }
 
