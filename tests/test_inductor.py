@@ -130,6 +130,18 @@ def test_kernel_form_matches_reference(sg_name, params, dtype):
     compare(eager_loop_fn, x, v0, sg, params, up)
 
 
+def test_keeps_channels_last_layout():
+    """A channels_last [T, B, C, H, W] input: outputs with the input's strides (tests/test_layout.py)."""
+    x = (torch.randn(3 * 2, 5, 4, 3) * 2).contiguous(memory_format=torch.channels_last)
+    x = x.view(3, 2, 5, 4, 3)
+    v = torch.zeros_like(x[0])
+    s, v_last, h, v_seq = eager_loop_fn(x, v, return_h_seq=True, return_v_seq=True)
+    assert s.stride() == h.stride() == v_seq.stride() == x.stride()
+    assert v_last.stride() == x[0].stride()
+    ref = cf_multi_step_ref(x.contiguous(), v.contiguous(), return_v_seq=True)
+    assert torch.equal(s, ref[0]) and torch.equal(v_seq, ref[3])
+
+
 def test_rect_window_is_strict():
     """On |x| = theta/2 exactly the CFRect window is closed (docs/method.md, section 2: 1[|x| < theta/2]); a
     clamp-based primitive would count the edges."""

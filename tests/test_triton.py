@@ -453,3 +453,23 @@ def test_torch_compile_fullgraph():
     assert torch.equal(sc, se)
     assert torch.equal(xc.grad, xe.grad)
     assert torch.equal(gp, node.surrogate_function.p.grad)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_keeps_channels_last_layout(dtype):
+    """A channels_last [T, B, C, H, W] input: every output with the input's strides (no copy to
+    contiguous and back), the values of the contiguous input (tests/test_layout.py)."""
+    tb.BLOCK = 32
+    T, B, C, H, W = 3, 2, 5, 4, 3
+    x = (torch.randn(T * B, C, H, W) * 2).contiguous(memory_format=torch.channels_last)
+    x = x.view(T, B, C, H, W).to(dtype)
+    v = torch.zeros_like(x[0])
+    before = tb.launch_count
+    s, v_last, h, v_seq = tb.cf_multi_step_triton(x, v, return_h_seq=True, return_v_seq=True)
+    assert tb.launch_count == before + 1
+    assert s.stride() == h.stride() == v_seq.stride() == x.stride()
+    assert v_last.stride() == x[0].stride()
+    ref = cf_multi_step_ref(x.float().contiguous(), v.float().contiguous(), return_h_seq=True,
+                            return_v_seq=True)
+    assert torch.equal(s.float(), ref[0])
+    assert torch.equal(v_last, ref[1].to(dtype)) and torch.equal(v_seq, ref[3].to(dtype))

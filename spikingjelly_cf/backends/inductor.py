@@ -288,6 +288,6 @@ def cf_multi_step_inductor(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 
         torch._dynamo.mark_dynamic(x, 1)
         torch._dynamo.mark_dynamic(v0, 0)
     s, v_last, h, v_seq = fn(x, v0, alpha)
-    tail = call.tail
-    return (s.view(T, *tail), v_last.view(tail), None if h is None else h.view(T, *tail),
-            None if v_seq is None else v_seq.view(T, *tail))
+    return (call.restore(s, T), call.restore(v_last, None),
+            None if h is None else call.restore(h, T),
+            None if v_seq is None else call.restore(v_seq, T))
