@@ -47,6 +47,8 @@
 #pragma GCC optimize("fp-contract=off", "no-trapping-math")
 #elif defined(__clang__)
 #pragma clang fp contract(off)
+#elif defined(_MSC_VER)
+#pragma fp_contract(off)
 #endif
 
 #include "cf_step.h"
