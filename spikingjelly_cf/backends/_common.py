@@ -26,7 +26,6 @@ KIND_CODES = {'rect': 0, 'tsg': 1, 'sigmoid': 2, 'atan': 3}
 RECT_DEFAULT_HEIGHT = 0.0
 
 
-
 def memory_order(x: torch.Tensor) -> Optional[Tuple[int, ...]]:
     """The permutation ``(0, d1, d2, ...)`` that makes a dense, time-outermost but not contiguous
     ``x`` contiguous (trailing dimensions from the largest stride to the smallest), or ``None``
