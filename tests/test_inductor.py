@@ -116,6 +116,7 @@ def eager_loop_fn(x_seq, v, surrogate_function=None, **kw):
     dict(k_neg=0, k_pos=3, v_threshold=0.8, return_h_seq=True, return_v_seq=True),
     dict(v_threshold=1.2, v_threshold_neg=-0.7, k_pos=1, k_neg=3, t_start=1),
     dict(v_threshold=4.0, v_threshold_neg=-0.5, default_height=True),  # CFRect: 1/4 and 2
+    dict(v_threshold=0.5, v_threshold_neg=-0.85, default_height=True),  # CFRect: 2 and 1/0.85
 ])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_kernel_form_matches_reference(sg_name, params, dtype):

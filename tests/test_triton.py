@@ -473,3 +473,10 @@ def test_keeps_channels_last_layout(dtype):
                             return_v_seq=True)
     assert torch.equal(s.float(), ref[0])
     assert torch.equal(v_last, ref[1].to(dtype)) and torch.equal(v_seq, ref[3].to(dtype))
+    # single-step mode: each step's spikes and the state stay channels_last
+    node = CFNode(step_mode='s', backend='triton')
+    for t in range(T):
+        s_t = node(x[t])
+        assert s_t.stride() == x[t].stride() and node.v.stride() == x[t].stride()
+        if dtype == torch.float32:  # half types round the carried v between single steps
+            assert torch.equal(s_t, s[t])
