@@ -1,7 +1,8 @@
 """Backends of the CF neuron, one module per backend, imported lazily.
 
 * ``'torch'`` (:mod:`.reference`): the pure-PyTorch reference, every dtype, device and surrogate.
-* ``'cpp'`` (:mod:`.cpp`): compiled CPU kernel, float32, OpenMP (optional extension).
+* ``'cpp'`` (:mod:`.cpp`): compiled CPU kernel, float32/float16/bfloat16 (float32 arithmetic),
+  OpenMP where the compiler has it (optional extension).
 * ``'cupy'`` (:mod:`.cupy`): CUDA kernels compiled by CuPy/NVRTC, float32/float16/bfloat16.
 * ``'triton'`` (:mod:`.triton`): Triton kernels, CUDA, float32/float16/bfloat16 (CPU tensors in
   Triton's interpreter with ``TRITON_INTERPRET=1``, a test mode that ``'auto'`` never picks).
@@ -31,7 +32,7 @@ __all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'RUNTIME_COMPILED', 'get', 'module',
 
 #: Kernel backends and the dtypes each runs, per device type.
 KERNEL_BACKENDS = {
-    'cpp': {'cpu': (torch.float32,)},
+    'cpp': {'cpu': (torch.float32, torch.float16, torch.bfloat16)},
     'cupy': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
     'triton': {'cuda': (torch.float32, torch.float16, torch.bfloat16)},
     'inductor': {'cpu': (torch.float32, torch.float64), 'cuda': (torch.float32, torch.float64)},
@@ -119,11 +120,12 @@ def available_backends(device_type='cpu', dtype: torch.dtype = torch.float32) ->
 
     ``'torch'`` is always last. For example ``('cpp', 'inductor', 'torch')`` for CPU float32
     when the extension is built and a C++ compiler is found (for ``torch.compile``),
-    ``('inductor', 'torch')`` for CPU float64, ``('cupy', 'inductor', 'torch')`` on CUDA with
-    CuPy and Triton.
+    ``('cpp', 'torch')`` for CPU float16 and bfloat16, ``('inductor', 'torch')`` for CPU float64,
+    ``('cupy', 'triton', 'inductor', 'torch')`` on CUDA with CuPy and Triton.
 
-    >>> available_backends('cpu', torch.float16)
-    ('torch',)
+    >>> available_backends('cpu', torch.bfloat16) == (
+    ...     ('cpp', 'torch') if is_available('cpp') else ('torch',))
+    True
     """
     device_type = torch.device(device_type).type
     names = [name for name in KERNEL_BACKENDS

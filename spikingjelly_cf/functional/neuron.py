@@ -2,7 +2,7 @@ r"""Multi-step functions of the circulate-firing neuron (docs/method.md, section
 
 :func:`cf_multi_step` runs a call on the backend that :func:`resolve_backend` picks (the
 fastest that can run it: ``'cupy'``, else ``'triton'`` on CUDA, the compiled ``'cpp'`` kernel on
-CPU float32, the reference ``'torch'`` otherwise). The pure-PyTorch reference
+CPU float32/float16/bfloat16, the reference ``'torch'`` otherwise). The pure-PyTorch reference
 :func:`cf_multi_step_ref`, the oracle of every test, lives in
 :mod:`spikingjelly_cf.backends.reference` and is re-exported here.
 """
@@ -47,9 +47,11 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     ``'auto'`` (or ``None``) tries the kernel backends of ``backends.AUTO_ORDER`` for the
     tensor's device type (CPU: ``'cpp'``; CUDA: ``'cupy'``, then ``'triton'``) and takes the first
     that is available and runs the dtype and the surrogate; otherwise the reference ``'torch'``,
-    with a one-time warning when a kernel was expected (float32/half) but cannot run. An explicit
+    with a one-time warning when a kernel was expected (float32/float16/bfloat16) but cannot run.
+    float64 runs on the reference without a word under ``'auto'``: no kernel computes in float64,
+    and float64 is what the reference is for (``gradcheck``, numerical checks). An explicit
     kernel backend that cannot run the call raises a clear error, except for dtypes the kernel
-    does not cover, which use the reference.
+    does not cover (float64), which use the reference with a one-time ``RuntimeWarning``.
 
     Kernels compiled at run time (``backends.RUNTIME_COMPILED``: ``'cupy'``, ``'triton'``) must
     first pass their first-use check for the key ``(device, dtype, surrogate kind, k_pos, k_neg,
@@ -119,8 +121,12 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     if not _backends.is_available(backend):
         raise RuntimeError(f'backend={backend!r} is unavailable: '
                            f'{_backends.unavailable_reason(backend)}')
-    if x_seq.dtype not in dtypes:
-        return 'torch'  # dtypes the kernel does not cover use the reference
+    if x_seq.dtype not in dtypes:  # dtypes the kernel does not cover use the reference
+        _warn_once(f'dtype-{backend}-{x_seq.dtype}',
+                   f"CFNode: backend={backend!r} runs {', '.join(_dtype_names(dtypes))} on "
+                   f"{device_type}, not {_dtype_names((x_seq.dtype,))[0]}; using the reference "
+                   f"'torch' backend (slower).")
+        return 'torch'
     failure = _backends.first_use_check(backend, x_seq.device, x_seq.dtype, kind, k_pos, k_neg,
                                         detach_reset)
     if failure:
@@ -128,6 +134,10 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                            f'over it), or set SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK=1 to use it '
                            f'anyway.')
     return backend
+
+
+def _dtype_names(dtypes) -> Tuple[str, ...]:
+    return tuple(str(d).replace('torch.', '') for d in dtypes)
 
 
 def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
@@ -139,12 +149,13 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
     r"""Multi-step CF neuron on the chosen backend; same arguments and results as
     :func:`cf_multi_step_ref` plus ``backend`` (one of :data:`BACKENDS`) and ``memory``.
 
-    ``memory='lean'`` saves at most 2 bytes per neuron-step for the backward pass instead of
-    the float32 ``h`` (4 bytes): CFRect saves one ``uint8`` code per neuron-step (which level
-    windows ``h`` fell in; gradients bit-identical to ``'normal'``), TSG, Sigmoid and ATan save
-    ``h`` as ``float16`` (gradients differ from the float32 path by the rounding of ``h``).
-    Implemented by the ``'cpp'`` backend; other backends run in normal mode with a one-time
-    warning. With ``return_h_seq`` the float32 ``h`` is kept anyway and nothing changes.
+    ``memory='lean'`` saves less for the backward pass than the float32 ``h`` (4 bytes per
+    neuron-step): CFRect 1 byte (which level windows ``h`` fell in; gradients bit-identical to
+    ``'normal'``), TSG, Sigmoid and ATan 3 bytes (the nearest level's index and the float16
+    offset of ``h`` from it; every distance to a level within a relative ``2^-11`` of the normal
+    mode's, whatever the threshold). Implemented by the ``'cpp'`` backend; other backends run in
+    normal mode with a one-time warning. With ``return_h_seq`` the float32 ``h`` is kept anyway
+    and nothing changes.
 
     Examples
     --------
