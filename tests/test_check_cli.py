@@ -111,7 +111,7 @@ def test_check_fails_on_a_patched_backend(monkeypatch, capsys):
         pytest.skip(backends.unavailable_reason('cpp'))
     _wrong(monkeypatch, 'cpp', lambda r: (r[0], r[1] + 1e-4, r[2], r[3]))
     status = cli.main(['check', '--quick', '--backends', 'cpp', 'torch', '--surrogates', 'TSG',
-                       '--no-progress'])
+                       '--dtypes', 'float32', '--no-progress'])
     out = capsys.readouterr().out
     assert status == 1
     assert "FAIL: backend 'cpp' on cpu, float32, TSG, case 'T=8': v_last differs by" in out
@@ -197,7 +197,8 @@ def test_wrong_build_of_the_kernel_fails(tmp_path, mutation):
     assert proc.returncode == 1, proc.stdout[-5000:] + proc.stderr[-3000:]
     report = json.loads(path.read_text())
     assert report['environment']['cpp_kernel']['library'] == lib
-    verdicts = {r['surrogate']: r['passed'] for r in report['rows']}
+    # float32 rows: a perturbation of the arithmetic may hide below the half types' tolerances
+    verdicts = {r['surrogate']: r['passed'] for r in report['rows'] if r['dtype'] == 'float32'}
     for sg in ('CFRect', 'TSG', 'Sigmoid', 'ATan'):
         assert verdicts[sg] == (sg not in failing), (sg, verdicts)
     for sg in failing:

@@ -90,6 +90,7 @@ COMMANDS = {
     'bash scripts/test.sh': skip('the test suite itself (CI runs it: .ci/run)'),
     'bash scripts/test.sh -k kernels': skip('the test suite itself with a pytest filter (CI runs bash scripts/test.sh)'),
     '.venv/bin/python setup.py -q build_ext --inplace': skip(_SETUP + '; it rebuilds the kernel exactly so'),
+    'python setup.py build_ext': skip(_SETUP + ' (it builds the kernel so); tests/test_build.py builds it with and without OpenMP'),
     'python -m sphinx -W --keep-going -b html docs docs/_build/html': skip('the docs step of scripts/test.sh runs this build (into docs/_build/html, removed first) in every CI run'),
     'pip install .[docs]': skip("installs into the user's environment; scripts/setup_env.sh installs the same tools from requirements.txt in every CI run"),
     'python examples/minimal.py': skip('tests/test_minimal_example.py runs exactly this command in passes 1 and 2 and checks its report'),
