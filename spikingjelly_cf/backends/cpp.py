@@ -181,6 +181,23 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
                                                              else v_seq)
 
 
+def _step_forward(x, v, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h):
+    """One time step for CFNode's lean single-step path (``spikingjelly_cf._step``): the forward
+    op body for ``T = 1`` on contiguous float32 ``x`` and ``v`` of one shape, without the
+    reshaping and the empty outputs the op needs. Returns ``(s, v_new, h)``, ``s`` and ``v_new``
+    shaped like ``x``, ``h`` the pooled ``[1, N]`` buffer when ``save_h``, else ``None``."""
+    global launch_count
+    n = x.numel()
+    s = torch.empty_like(x)
+    v_new = torch.empty_like(x)
+    h = _take(1, n) if save_h else None
+    _check(_lib.cf_cpu_forward(x.data_ptr(), v.data_ptr(), s.data_ptr(), ptr(h), None,
+                               v_new.data_ptr(), 1, n, k, c, theta_p, theta_n, k_pos, k_neg,
+                               torch.get_num_threads()), 'forward')
+    launch_count += 1
+    return s, v_new, h
+
+
 def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
               k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
     """Backward op body: one call of ``cf_cpu_backward_ex``; ``h`` is float32, or the
@@ -231,4 +248,5 @@ def _check_call(x_seq) -> None:
 #: ``v`` ``[*]``; returns ``s_seq`` ``[T, *]``, ``v_last`` ``[*]``, ``h_seq`` / ``v_seq``
 #: ``[T, *]`` or ``None``. Gradients flow to ``x_seq``, ``v`` and TSG's parameter.
 cf_multi_step_cpp = define_kernel_ops('cpp', 'cpu', _forward, _backward, recycle_h=_give,
-                                      check_call=_check_call, supports_lean=True)
+                                      check_call=_check_call, supports_lean=True,
+                                      step_forward=_step_forward)
