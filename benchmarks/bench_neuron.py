@@ -54,11 +54,11 @@ import torch  # noqa: E402
 
 MODES = ('inference', 'training')
 
-#: Targets of issue 6, evaluated on what this run measured.
+#: Speed targets (CF against LIF and against the copy limit), evaluated on what this run measured.
 CPU_SPEEDUP_TARGET = 3.0        # CF default vs LIF, T=8, N=2^20, float32, training and inference
 CPU_COPY_TARGET = 1.5           # CF default training time / copy time of the same bytes
-COMPILED_LIF_TARGET = 1.0       # issue 9: CF default training time / compiled LIFNode's
-INDUCTOR_TARGET = 1.1           # issue 9: CF default training time / CFNode[inductor]'s
+COMPILED_LIF_TARGET = 1.0       # CF default training time / compiled LIFNode's
+INDUCTOR_TARGET = 1.1           # CF default training time / CFNode[inductor]'s
 GPU_BANDWIDTH_TARGET = 0.70     # fraction of the copy bandwidth, CF CuPy training
 TARGET_T, CPU_TARGET_N, GPU_TARGET_MIN_N = 8, 2 ** 20, 2 ** 22
 #: Layers of the single-step case, name -> (batch, neurons per sample): a small layer where the
@@ -744,7 +744,7 @@ def time_case(cfg, cands, modules, mode, dtype, T, N, last, skipped) -> List[dic
 
 
 def head_to_head(cfg, cands, modules, rows, mode, dtype, x, grad_out, label) -> None:
-    """CF default and the compiled LIFNode timed alternately, call by call (issue 9's ratio).
+    """CF default and the compiled LIFNode timed alternately, call by call (the compiled-LIF ratio).
 
     On the CPU a [T=8, N=2^20] step is dominated by first-touching freshly allocated outputs,
     and whether glibc hands out fresh pages drifts with the allocator's state: two sequential
@@ -1155,7 +1155,7 @@ def informational_limits(results, cf, dtype, mode, T, N) -> List[dict]:
 
 
 def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
-    """Issue 9: the CF default against the torch.compile peers (training is the target; the
+    """The CF default against the torch.compile peers (training is the target; the
     inference ratios are reported for information)."""
     out = []
     for pred, threshold, what in (
@@ -1174,7 +1174,7 @@ def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
             ratio = inter['ratio']
         stated = mode == 'training'
         out.append(dict(target=(f'{mode}: {cf["candidate"]} time <= {threshold:g}x '
-                                f'{other["candidate"]} (issue 9{how})'
+                                f'{other["candidate"]}{f" ({how[2:]})" if how else ""}'
                                 + ('' if stated else ' (not a stated target; for information)')),
                         where=where, value=ratio, threshold=threshold,
                         passed=(ratio <= threshold) if stated else None,
@@ -1183,7 +1183,7 @@ def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
 
 
 def evaluate_targets(cfg: Config, results: List[dict]) -> List[dict]:
-    """Issue 6's targets on this run's measurements (same run, same process)."""
+    """The speed targets on this run's measurements (same run, same process)."""
     targets = []
     ok = [r for r in results if r.get('status') == 'ok']
     if cfg.device.type == 'cpu':
@@ -1311,7 +1311,7 @@ def markdown_report(payload: dict) -> str:
               '(X time / CF time) and "copy frac" is copy time / CF time, all measured in this '
               'run.', '',
               'Three physical-limit figures, same bytes, same run: `copy` writes into a '
-              'preallocated buffer (the issue-6 target compares with it); `copy (fresh outputs)` '
+              'preallocated buffer (the target "CF training <= 1.5x copy" compares with it); `copy (fresh outputs)` '
               'allocates every output the kernel must return and fills it by copying an input of '
               'the same size, so it also pays the allocator\'s and the OS\'s first-touch '
               '(page-fault) cost that any op returning new tensors pays; '
@@ -1380,7 +1380,7 @@ def markdown_report(payload: dict) -> str:
                   'reference): ' + '; '.join(
                       f'{c["candidate"]} ' + ('ok' if c['passed'] else 'FAILED ' + c.get('error', ''))
                       for c in payload['single_step']['checks'])]
-    lines += ['', '## Targets (issues 6 and 9)', '']
+    lines += ['', '## Targets', '']
     if payload['targets']:
         lines.append(common.markdown_table(
             ['target', 'where', 'measured', 'threshold', 'verdict'],
@@ -1538,7 +1538,7 @@ def print_summary(payload: dict) -> None:
             print(f'{case["mode"]:<9} {case["layer"]} {case["batch"]}x{case["neurons"]}: {rows} | '
                   f'{ratios} | load {case["load_average_before"]} -> '
                   f'{case["load_average_after"]}')
-    print('\n=== targets (issue 6) ===')
+    print('\n=== targets ===')
     if not payload['targets']:
         print('no target case in this run')
     for t in payload['targets']:

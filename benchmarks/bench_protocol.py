@@ -57,7 +57,7 @@ import benchlib as common  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-#: Targets of issue 11 (CPU, T = 500, n = 512 and 4096, CF default backend with TSG).
+#: Targets of the protocol benchmark (CPU, T = 500, n = 512 and 4096, CF default backend with TSG).
 TARGET_VS_LIF = 0.3
 TARGET_VS_PEERS = 0.5
 TARGET_LEAN_BYTES = 2.0
@@ -727,7 +727,7 @@ def markdown_report(p: dict) -> str:
                                       f'{c.get("grad_tsg_rel_err", float("nan")):.1e}',
                                       c.get('tolerance'), common.verdict(c.get('passed'))]
                                      for c in p['checks']]), '']
-    lines += ['## Targets (issue 11)', '',
+    lines += ['## Targets', '',
               common.markdown_table(['target', 'n', 'T', 'measured', 'neuron part only',
                                      'result'],
                                     [[t['target'], t['n'] or '', t['T'],

@@ -17,7 +17,7 @@ fixed upstream gradient). Candidates:
 
 Reported per case: median time (CUDA events, after warm-up), the fraction of copy bandwidth, the
 peak memory above the inputs (``torch.cuda.max_memory_allocated``), the ratio to LIF fastest; and
-the targets of issue 10 at N = 2^22 (CF's fastest training step <= 1.0x LIF's fastest, >= 70 % of
+the GPU targets at N = 2^22 (CF's fastest training step <= 1.0x LIF's fastest, >= 70 % of
 copy bandwidth). Every case is guarded: an error is recorded and the run goes on; cases that no
 longer fit ``--deadline-s`` are recorded as skipped. Runs on the CPU too (``--device cpu
 --log2n 10``), as a smoke test of the script itself.

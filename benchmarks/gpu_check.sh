@@ -94,7 +94,7 @@ else
 fi
 log "gpu_bench exit code $KBENCH_RC"
 
-# 4. the package benchmark (another issue's script), if present and time is left
+# 4. the package benchmark (bench_neuron.py), if present and time is left
 BENCH_RC=-1
 if [ -f benchmarks/bench_neuron.py ]; then
   LEFT=$(( $(left) - 15 ))
@@ -109,7 +109,7 @@ else
   log "benchmarks/bench_neuron.py not found: skipped"
 fi
 
-# 4b. issue 11: the open-neuromorphic protocol (Linear(n, n) + neuron, batch 16, T = 500,
+# 4b. the open-neuromorphic protocol (Linear(n, n) + neuron, batch 16, T = 500,
 #     n = 512 / 4096 / 16384) on CUDA, if present and time is left; writes protocol_sj*.{json,md,png}
 ELAPSED=$(( $(date +%s) - START ))
 LEFT=$(( 470 - ELAPSED ))

@@ -38,7 +38,7 @@ class CFNode(sj_neuron.BaseNode):
 
     .. math::
         h_t &= (1 - 1/\tau)\,v_{t-1} + x_t
-            \quad(\text{decay\_input}:\ h_t = v_{t-1} + (x_t - v_{t-1})/\tau) \\
+            \quad(\text{decay_input}:\ h_t = v_{t-1} + (x_t - v_{t-1})/\tau) \\
         s_t &= \sum_{k=1}^{K_P} H(h_t - k\theta_P) - \sum_{k=1}^{K_N} H(k\theta_N - h_t) \\
         v_t &= h_t - \theta_P\,n^+_t - \theta_N\,n^-_t
 

@@ -147,7 +147,7 @@ def test_neuron_quick_reports(neuron_run):
     assert 'physical limits' in proc.stdout
     for heading in ('Correctness', 'Targets', 'median time', 'peak memory'):
         assert heading in markdown
-    assert 'targets (issue 6)' in proc.stdout
+    assert '=== targets ===' in proc.stdout
 
 
 def test_neuron_quick_single_step_section(neuron_run):

@@ -30,7 +30,7 @@ with ``emulate_precision_casts=True``, which turns off fused multiply-add contra
 (docs/method.md, section 6: float32 spikes equal the reference's). Surrogates other than the four above, or
 in ``spiking=False`` mode, cannot be keyed: ``backend='inductor'`` raises a ``ValueError`` naming
 the supported ones, and ``'auto'`` never picks this backend for them (it never picks it at all
-today; see the README's benchmark table).
+today; see docs/benchmarks.md).
 """
 import collections
 import itertools
