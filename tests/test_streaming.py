@@ -430,3 +430,45 @@ def test_compiled_single_step_loop(kind):
         assert counter.frame_count == frames, 'a second sequence recompiled'
     finally:
         torch._dynamo.reset()
+
+
+# -- recycled output buffers of the cpp kernel -----------------------------------------------------
+@needs_cpp
+def test_outputs_recycled_only_when_nobody_holds_them():
+    """Large outputs reuse a buffer only once no tensor, view, graph or NumPy array references
+    the previous output; their values are always the new ones."""
+    cpp.empty_cache()
+    x = torch.randn(2, 1 << 18)   # s is 2 MiB, v_last 1 MiB: both pooled
+    expected = CFNode(step_mode='m', backend='torch')(x)
+    node = CFNode(step_mode='m')
+
+    def run(inp=x):
+        node.reset()
+        with torch.no_grad():
+            return node(inp)
+    out = run()
+    ptr = out.data_ptr()
+    for hold in (lambda o: o, lambda o: o[1:], lambda o: o.numpy(), lambda o: o.view(-1)):
+        holder = hold(out)
+        del out
+        out = run()
+        assert out.data_ptr() != ptr, 'reused while still referenced'
+        assert torch.equal(out, expected)
+        ptr = out.data_ptr()
+        del holder
+    del out
+    out = run()
+    assert out.data_ptr() == ptr, 'a free buffer is recycled'
+    assert torch.equal(out, expected)
+    # an autograd graph that saved the output keeps it too
+    w = torch.ones(1, requires_grad=True)
+    node.reset()
+    del out
+    z = node(x) * w                      # MulBackward saves the output for w's gradient
+    ptr = z.grad_fn._saved_self.data_ptr()
+    assert run().data_ptr() != ptr
+    del z
+    assert run().data_ptr() == ptr
+    assert cpp.pooled_bytes() >= 3 * (1 << 20)
+    cpp.empty_cache()
+    assert cpp.pooled_bytes() == 0

@@ -22,7 +22,8 @@ import torch
 from ._common import KIND_CODES, grad_view, ptr
 from ._ops import define_kernel_ops, lean_dtype
 
-__all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache']
+__all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache',
+           'pooled_bytes']
 
 _ABI_VERSION = 2  # CF_ABI_VERSION in csrc/cf_cpu.c
 
@@ -132,10 +133,54 @@ def _give(buffer: torch.Tensor) -> None:
             free.append(buffer)
 
 
+# -- recycled buffers for the outputs ---------------------------------------------------------------
+# The outputs (s, v_last, grad_x, ...) are the caller's, so they cannot go back to the pool above
+# when an autograd node dies. But a large fresh output pays the first touch of every page it is
+# written to (glibc maps allocations of 32 MiB and more freshly each time; at T=8, N=2^20 that is
+# several times the kernel's own time). So outputs of at least _OUT_POOL_MIN_BYTES are aliases
+# of buffers kept here (up to _OUT_POOL_PER_SIZE per size), and a buffer is handed out again
+# only when no tensor references its storage any more: the pool's own tensor and the temporary
+# storage object of the check are then the only references (torch's storage use count), so a
+# returned output, any view of it, an autograd graph or a NumPy array that still holds it keeps
+# the buffer out of circulation. Without that count (another torch) outputs are plain new tensors.
+_OUT_POOL_MIN_BYTES = 1 << 20
+_OUT_POOL_PER_SIZE = 4
+_out_pool: dict = {}
+_storage_use_count = getattr(torch._C, '_storage_Use_Count', None)
+
+
+def _output(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new contiguous output of ``shape``: a free recycled buffer when it is large (see above)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if _storage_use_count is None or numel * dtype.itemsize < _OUT_POOL_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    with _lock:
+        buffers = _out_pool.setdefault((numel, dtype), [])
+        for buf in buffers:
+            storage = buf.untyped_storage()
+            if _storage_use_count(storage._cdata) == 2:  # buf and `storage`: nobody else
+                return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        buf = torch.empty(numel, dtype=dtype)
+        if len(buffers) < _OUT_POOL_PER_SIZE:
+            buffers.append(buf)
+        return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), 0, shape)
+
+
+def pooled_bytes() -> int:
+    """Bytes held by the CPU kernel's buffer pools (saved ``h`` and recycled outputs)."""
+    with _lock:
+        return sum(b.untyped_storage().nbytes() for pool in (_pool, _out_pool)
+                   for bufs in pool.values() for b in bufs)
+
+
 def empty_cache() -> None:
-    """Release the pooled ``h_seq`` buffers of the CPU kernel (like ``torch.cuda.empty_cache``)."""
+    """Release the CPU kernel's pooled buffers: the saved ``h_seq`` pool and the recycled
+    output buffers (like ``torch.cuda.empty_cache``; outputs still in use stay valid)."""
     with _lock:
         _pool.clear()
+        _out_pool.clear()
 
 
 def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, return_h,
@@ -151,11 +196,11 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
     T, N = x.shape
     x = x.contiguous()
     v0 = v0.contiguous()
-    s = torch.empty_like(x)
-    v_last = torch.empty_like(v0)
+    s = _output((T, N))
+    v_last = _output((N,))
     code = h16 = None
     if return_h:  # handed to the caller: a tensor of its own
-        h = torch.empty_like(x)
+        h = _output((T, N))
     elif save_h and lean:  # memory-lean: read only by the backward pass, pooled
         h = None
         if lean_dtype(kind) == torch.uint8:
@@ -166,7 +211,7 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
         h = _take(T, N)
     else:
         h = None
-    v_seq = torch.empty_like(x) if return_v else None
+    v_seq = _output((T, N)) if return_v else None
     rc = lib.cf_cpu_forward_ex(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
                                v_last.data_ptr(), ptr(code), ptr(h16), T, N, k, c, theta_p,
                                theta_n, k_pos, k_neg, torch.get_num_threads())
@@ -188,8 +233,8 @@ def _step_forward(x, v, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_
     shaped like ``x``, ``h`` the pooled ``[1, N]`` buffer when ``save_h``, else ``None``."""
     global launch_count
     n = x.numel()
-    s = torch.empty_like(x)
-    v_new = torch.empty_like(x)
+    s = _output(x.shape)
+    v_new = _output(x.shape)
     h = _take(1, n) if save_h else None
     _check(_lib.cf_cpu_forward(x.data_ptr(), v.data_ptr(), s.data_ptr(), ptr(h), None,
                                v_new.data_ptr(), 1, n, k, c, theta_p, theta_n, k_pos, k_neg,
@@ -218,8 +263,8 @@ def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, the
                         f'{h.dtype}')
     if code is not None and kind != KIND_CODES['rect']:
         raise ValueError('cf_backward_cpp: uint8 window codes are CFRect-only')
-    grad_x = torch.empty(T, N, dtype=f32)
-    grad_v0 = torch.empty(N, dtype=f32)
+    grad_x = _output((T, N))
+    grad_v0 = _output((N,))
     grad_alpha = torch.empty(T if need_grad_alpha else 0, dtype=f32)
     rc = lib.cf_cpu_backward_ex(kind, ptr(h32), ptr(code), ptr(h16), ptr(grad_s), ptr(grad_h),
                                 ptr(grad_v_seq), ptr(grad_v_last), alpha.data_ptr(),
