@@ -51,7 +51,7 @@ def fingerprint(node) -> tuple:
     d = node.__dict__
     sg = node._modules.get('surrogate_function', d.get('surrogate_function'))
     sd = getattr(sg, '__dict__', {})
-    return (d.get('tau'), d.get('decay_input'), d.get('v_threshold'), d.get('v_threshold_neg'),
+    return (d.get('tau'), d.get('decay_input'), d.get('v_threshold'), d.get('_v_threshold_neg'),
             d.get('k_pos'), d.get('k_neg'), d.get('detach_reset'), d.get('_backend'),
             d.get('memory'), d.get('_store_v_seq'), d.get('_store_h_seq'), sg,
             sd.get('spiking'), sd.get('alpha'))

@@ -6,10 +6,10 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron as sj_neuron
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _compat, _recompute, _step
 from .backends._ops import MEMORY_MODES
+from ._validation import check_v_threshold_neg
 from .functional.neuron import BACKENDS, cf_multi_step, check_cf_parameters, resolve_backend
 from .surrogate import CFRect
 
@@ -46,6 +46,14 @@ class CFNode(sj_neuron.BaseNode):
     dtype; :math:`H(0) = 1` like every SpikingJelly neuron. Defaults are the paper's setting:
     :math:`k_\tau = 1 - 1/\tau = 0.25`, thresholds :math:`\pm 1`, :math:`K = 2`.
 
+    Several defaults differ from SpikingJelly's ``LIFNode`` (``tau`` 4/3 instead of 2,
+    ``decay_input=False``, soft reset, the CFRect surrogate, ``backend='auto'``): the table
+    "Defaults that differ from SpikingJelly's LIFNode" in ``docs/guide/neuron.md`` lists each
+    with its reason. ``tau``, ``decay_input`` and ``v_threshold`` may be passed by position, in
+    ``LIFNode``'s order; everything else is keyword-only (``LIFNode``'s 4th positional
+    argument is ``v_reset``: ``CFNode(2., True, 1., None)`` is a ``TypeError``, not a silently
+    different neuron).
+
     Parameters
     ----------
     tau : float
@@ -55,7 +63,9 @@ class CFNode(sj_neuron.BaseNode):
     v_threshold : float
         Positive threshold :math:`\theta_P > 0`.
     v_threshold_neg : float or None
-        Negative threshold :math:`\theta_N < 0`; ``None`` means ``-v_threshold``.
+        Negative threshold :math:`\theta_N < 0`; ``None`` (default) means ``-v_threshold`` at
+        every call: after ``node.v_threshold = 0.5`` the negative threshold is ``-0.5``. An
+        explicit value stays fixed when ``v_threshold`` changes.
     k_pos, k_neg : int
         Number of positive (>= 1) and negative (>= 0) levels, :math:`K_P` and :math:`K_N`.
         Named variants: :func:`variant_kwargs` / :meth:`from_variant`.
@@ -100,7 +110,7 @@ class CFNode(sj_neuron.BaseNode):
     >>> functional.reset_net(node)
     """
 
-    def __init__(self, tau: float = 4 / 3, decay_input: bool = False, v_threshold: float = 1.0,
+    def __init__(self, tau: float = 4 / 3, decay_input: bool = False, v_threshold: float = 1.0, *,
                  v_threshold_neg: Optional[float] = None, k_pos: int = 2, k_neg: int = 2,
                  surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
                  step_mode: str = 's', backend: str = 'auto', store_v_seq: bool = False,
@@ -125,7 +135,7 @@ class CFNode(sj_neuron.BaseNode):
                          step_mode=step_mode, store_v_seq=store_v_seq)
         self.tau = p['tau']
         self.decay_input = p['decay_input']
-        self.v_threshold_neg = p['v_threshold_neg']
+        self.v_threshold_neg = v_threshold_neg  # None: -v_threshold at every call (property)
         self.k_pos = p['k_pos']
         self.k_neg = p['k_neg']
         self.backend = backend
@@ -161,6 +171,19 @@ class CFNode(sj_neuron.BaseNode):
             raise ValueError(f'backend must be one of {BACKENDS}, got {value!r}')
         self._backend = value
 
+    # -- thresholds ---------------------------------------------------------------------------------
+    @property
+    def v_threshold_neg(self) -> float:
+        """The negative threshold :math:`\\theta_N < 0`. Constructed (or set) to ``None``, it is
+        ``-v_threshold`` read at every call, so that ``node.v_threshold = 0.5`` moves both
+        thresholds; an explicit value stays fixed."""
+        value = self._v_threshold_neg
+        return -float(self.v_threshold) if value is None else value
+
+    @v_threshold_neg.setter
+    def v_threshold_neg(self, value: Optional[float]):
+        self._v_threshold_neg = check_v_threshold_neg(value)
+
     # -- memories that are not SpikingJelly memories -------------------------------------------
     @property
     def store_v_seq(self) -> bool:
@@ -188,6 +211,7 @@ class CFNode(sj_neuron.BaseNode):
         super().reset()
         self.__dict__['v_seq'] = None
         self.__dict__['h_seq'] = None
+        self.__dict__.pop('_rerun_h_seq', None)
         self.__dict__['_step_plan'] = None
 
     def __getstate__(self):
@@ -208,8 +232,11 @@ class CFNode(sj_neuron.BaseNode):
                 self.__dict__[name] = value.detach()
 
     def extra_repr(self):
+        neg = self.v_threshold_neg
+        if self._v_threshold_neg is None:
+            neg = f'{neg} (-v_threshold)'
         return (f'tau={self.tau}, decay_input={self.decay_input}, v_threshold={self.v_threshold}, '
-                f'v_threshold_neg={self.v_threshold_neg}, k_pos={self.k_pos}, k_neg={self.k_neg}, '
+                f'v_threshold_neg={neg}, k_pos={self.k_pos}, k_neg={self.k_neg}, '
                 f'detach_reset={self.detach_reset}, step_mode={self.step_mode}, '
                 f'backend={self.backend}' + (f', memory={self.memory!r}'
                                              if self.memory != 'normal' else ''))
@@ -254,8 +281,14 @@ class CFNode(sj_neuron.BaseNode):
             return_h_seq=self.store_h_seq, return_v_seq=self.store_v_seq, backend=self.backend,
             memory=self.memory)
         if replay:  # the first run already committed the state
+            # the re-run's pre-reset potentials, for a PNBMonitor hook of this call (the re-run
+            # must save what the first run saved, even after a reset dropped self.h_seq)
+            if h_seq is not None:
+                self.__dict__['_rerun_h_seq'] = h_seq
             return s_seq, None, False
-        if torch.compiler.is_exporting() and isinstance(v, FakeTensor):
+        if not torch.compiler.is_compiling():
+            self.__dict__.pop('_rerun_h_seq', None)
+        if torch.compiler.is_exporting() and _is_fake(v):
             # Non-strict torch.export runs this code on fake tensors: an exported program is a
             # function of its input from a reset state, and torch 2.9 would otherwise leave the
             # fake tensors in the module's memories. (Under Dynamo, v is no FakeTensor; torch
@@ -316,6 +349,13 @@ class CFNode(sj_neuron.BaseNode):
         return (s_seq[0],), (v, count + 1)
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    # imported here: torch._subclasses.fake_tensor is loaded by export anyway, and importing it
+    # with the package would cost every user its import time
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
 def _default_lif_classes() -> Tuple[type, ...]:
     return (sj_neuron.LIFNode,)
 
@@ -326,11 +366,16 @@ def replace_neurons(net: nn.Module, old: Union[Type[nn.Module], Tuple[Type[nn.Mo
     r"""Replace the ``LIFNode``\ s (or other neurons) of ``net`` by :class:`CFNode`\ s, in place.
 
     Each new node takes ``tau``, ``decay_input``, ``v_threshold``, ``detach_reset``,
-    ``step_mode``, ``store_v_seq`` and, where it is one of CF's, ``backend`` from the neuron it
-    replaces (a neuron without ``tau``, like ``IFNode``, gets ``tau`` from ``cf_kwargs`` or CF's
-    default). Keywords in ``cf_kwargs`` (``k_pos``, ``v_threshold_neg``, ``tau``...) override.
-    The CF neuron always soft-resets: a hard-reset neuron becomes a soft-reset one (a warning
-    says so once per call).
+    ``step_mode`` and ``store_v_seq`` from the neuron it replaces (a neuron without ``tau``, like
+    ``IFNode``, gets ``tau`` from ``cf_kwargs`` or CF's default). Keywords in ``cf_kwargs``
+    (``k_pos``, ``v_threshold_neg``, ``tau``, ``backend``...) override. The CF neuron always
+    soft-resets: a hard-reset neuron becomes a soft-reset one (a warning says so once per call).
+
+    The backend is not copied: every new node gets ``backend='auto'`` (the fastest kernel for
+    each call's device and dtype) unless ``cf_kwargs`` has ``backend=``. SpikingJelly's backend
+    names describe its own implementations: ``'torch'``, the default of 0.0.0.0.14's
+    ``LIFNode``, is its ordinary path, where ours is the slow pure-PyTorch reference, and
+    ``'cupy'`` asks for the fused GPU path, which ``'auto'`` picks on CUDA.
 
     Parameters
     ----------
@@ -348,8 +393,8 @@ def replace_neurons(net: nn.Module, old: Union[Type[nn.Module], Tuple[Type[nn.Mo
     >>> from spikingjelly.activation_based import neuron, layer
     >>> net = nn.Sequential(layer.Linear(4, 3), neuron.LIFNode(tau=2.))
     >>> net = replace_neurons(net, k_pos=1, k_neg=1)
-    >>> type(net[1]).__name__, net[1].tau, net[1].k_neg
-    ('CFNode', 2.0, 1)
+    >>> type(net[1]).__name__, net[1].tau, net[1].k_neg, net[1].backend
+    ('CFNode', 2.0, 1, 'auto')
     """
     old = _default_lif_classes() if old is None else old
     if not isinstance(old, tuple):
@@ -380,8 +425,10 @@ def replace_neurons(net: nn.Module, old: Union[Type[nn.Module], Tuple[Type[nn.Mo
                 kwargs[name] = getattr(module, name)
         if hasattr(module, 'v_threshold'):
             kwargs['v_threshold'] = float(module.v_threshold)
-        if getattr(module, 'backend', None) in BACKENDS:
-            kwargs['backend'] = module.backend
+        # The replaced neuron's backend is not copied: SpikingJelly's names ('torch', its
+        # default; 'cupy', its fused GPU path) describe SpikingJelly's implementations, and our
+        # 'torch' is the slow reference. Every converted layer runs 'auto' unless cf_kwargs
+        # has backend=.
         if getattr(module, 'v_reset', None) is not None:
             hard_reset.append(module)
         kwargs.update(cf_kwargs)

@@ -23,7 +23,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from spikingjelly.activation_based import base as _sj_base
 from spikingjelly.activation_based import surrogate as _sj_surrogate
+
+from . import _recompute
 
 __all__ = ['CFRect', 'TSG', 'heaviside', 'surrogate_spec', 'kernel_kind', 'level_spike', 'KERNEL_SURROGATES']
 
@@ -125,7 +128,7 @@ def _triangle_primitive(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.where(ax < -1, zero, torch.where(ax < 0, lower, torch.where(ax < 1, upper, one)))
 
 
-class TSG(nn.Module):
+class TSG(_sj_base.MemoryModule):
     r"""Time-step-wise learnable surrogate gradient, Eq. (15)-(17).
 
     A triangle per level whose sharpness :math:`a_t` is learned per layer and per time step:
@@ -141,12 +144,25 @@ class TSG(nn.Module):
     :math:`\Phi_a` (straight-through estimator), so per level
     :math:`\partial n / \partial a = x (1 - a|x|)` for :math:`|x| < 1/a`, else 0.
 
+    **Which step.** :class:`~spikingjelly_cf.CFNode` passes the step ``t`` itself. SpikingJelly's
+    own neurons (``LIFNode``, ``IFNode``, ...) call their surrogate once per time step without
+    it; then TSG counts: the ``n``-th call since the last reset uses :math:`a_n`. The count is a
+    SpikingJelly memory (``step_count``), so ``functional.reset_net(net)`` restarts it with the
+    neuron's state; reset between samples as usual. A sequence longer than ``T`` raises
+    ``ValueError``; so does one TSG shared by several neurons (each neuron needs its own TSG:
+    pass a deep copy, as SpikingJelly's model zoo does with its ``**kwargs``). The count is a 0-d
+    tensor after the first step (``torch.compile`` compiles one graph for every later step),
+    ``torch.utils.checkpoint(..., use_reentrant=False)`` re-runs replay the recorded steps, and
+    SpikingJelly 2.0's ``memopt`` saves and restores it with the neuron's state. SpikingJelly's
+    fused kernels (0.0.0.0.14's ``backend='cupy'``) cannot run TSG and raise ``TypeError``; use
+    their ``backend='torch'`` or :class:`~spikingjelly_cf.CFNode`, whose kernels run TSG.
+
     Parameters
     ----------
     T : int
         Number of learnable steps. ``T = 1`` shares one :math:`a` across all steps (the paper's
-        degenerate case). With ``T > 1`` step ``t`` uses :math:`a_t`; a longer sequence is an
-        error, a shorter one uses the first entries.
+        degenerate case; nothing is counted). With ``T > 1`` step ``t`` uses :math:`a_t`; a
+        longer sequence is an error, a shorter one uses the first entries.
     alpha_init, alpha_min, alpha_max : float
         Initial value and range of :math:`a_t` (defaults 2.0, 0.5, 3.5; ``a = 2`` was the best
         fixed value in the paper's Table I).
@@ -161,6 +177,16 @@ class TSG(nn.Module):
     >>> x = torch.tensor([0.1, -0.1])
     >>> sg(x, t=2)
     tensor([1., 0.], grad_fn=<AddBackward0>)
+
+    In a SpikingJelly neuron, every step trains its own :math:`a_t`:
+
+    >>> from spikingjelly.activation_based import functional, neuron
+    >>> lif = neuron.LIFNode(surrogate_function=TSG(T=4), step_mode='m')
+    >>> lif(torch.linspace(0., 3., 64).repeat(4, 1)).sum().backward()
+    >>> bool((lif.surrogate_function.p.grad != 0).all()), int(lif.surrogate_function.step_count)
+    (True, 4)
+    >>> functional.reset_net(lif); lif.surrogate_function.step_count
+    0
     """
 
     def __init__(self, T: int, alpha_init: float = 2.0, alpha_min: float = 0.5,
@@ -183,9 +209,42 @@ class TSG(nn.Module):
         self.spiking = spiking
         q = (alpha_init - alpha_min) / (alpha_max - alpha_min)
         self.p = nn.Parameter(torch.full((self.T,), math.log(q / (1 - q))))
+        # Calls without a step index since the last reset: the int 0 after a reset, then a 0-d
+        # int64 tensor (like CFNode.step_count, so that torch.compile does not specialise on it)
+        self.register_memory('step_count', 0)
+        # the shape of the first such call since the last reset (a second neuron sharing this
+        # TSG shows up as another shape)
+        self._counted_shape = None
 
     def set_spiking_mode(self, spiking: bool):
         self.spiking = spiking
+
+    def reset(self):
+        """Restart the step count (``functional.reset_net`` calls this)."""
+        super().reset()
+        self._counted_shape = None
+
+    @property
+    def supported_backends(self):
+        # TSG has no backend of its own: accept whatever functional.set_backend sets on the
+        # network without a warning (SpikingJelly's fused kernels refuse TSG, see cuda_codes)
+        return ('torch', 'cupy')
+
+    def _refuse_fused(self, name: str):
+        raise TypeError(
+            f"TSG has no {name} for SpikingJelly's fused CUDA kernels: run this SpikingJelly "
+            f"neuron with backend='torch' (TSG then trains a_t of every step), or use "
+            f"spikingjelly_cf.CFNode, whose kernels run TSG on every backend.")
+
+    @property
+    def cuda_codes(self):
+        """SpikingJelly 0.0.0.0.14's fused kernels read this; TSG refuses them (``TypeError``)."""
+        self._refuse_fused('cuda_codes')
+
+    @property
+    def cuda_code(self):
+        """SpikingJelly's fused kernels read this; TSG refuses them (``TypeError``)."""
+        self._refuse_fused('cuda_code')
 
     def alpha(self) -> torch.Tensor:
         """All :math:`a_t`, shape ``[T]``, differentiable with respect to ``p``."""
@@ -223,9 +282,45 @@ class TSG(nn.Module):
         mask = torch.arange(self.T, device=a.device)[None, :] == idx[:, None]
         return (mask.to(a.dtype) * a).sum(1)
 
+    def _counted_step(self, x: torch.Tensor) -> Union[int, torch.Tensor]:
+        """The step of a call without a step index: the calls since the last reset."""
+        count = self.step_count
+        if not torch.compiler.is_compiling():
+            count, replay = _recompute.replayed_state(self, count)
+            if replay:  # a checkpoint re-run: the steps of the first run, state left alone
+                return count
+            shape = tuple(x.shape)
+            if self._counted_shape is None:
+                self._counted_shape = shape
+            elif shape != self._counted_shape:
+                raise ValueError(
+                    f'TSG was called without a step index with inputs of shape '
+                    f'{self._counted_shape} and then {shape} since the last reset: one TSG is '
+                    f'shared by several neurons, which would count each other\'s calls as time '
+                    f'steps. Give every neuron its own TSG (e.g. copy.deepcopy(tsg)).')
+            if int(count) >= self.T:
+                raise ValueError(
+                    f'TSG has T={self.T} learnable time steps and was called without a step '
+                    f'index for the {int(count) + 1}th time since the last reset (a SpikingJelly '
+                    f'neuron calls it once per step; a TSG shared by several neurons counts '
+                    f'the calls of all). Call spikingjelly.activation_based.functional.'
+                    f'reset_net(net) between samples, build TSG(T={int(count) + 1}) or more, or '
+                    f'give each neuron its own TSG.')
+        start = count if isinstance(count, torch.Tensor) else torch.tensor(count, dtype=torch.int64)
+        self.step_count = start + 1
+        return count
+
     def forward(self, x: torch.Tensor, theta: float = 1.0,
-                t: Union[int, torch.Tensor, None] = 0) -> torch.Tensor:
-        a = self.alpha_steps(0 if t is None else t, 1)[0].to(x.dtype)
+                t: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+        """Spike :math:`H(x)` with the triangle of step ``t``'s :math:`a_t` as its gradient.
+
+        ``t`` is the step index (what :class:`~spikingjelly_cf.CFNode` passes). Without it
+        (SpikingJelly's neurons), the calls since the last reset are counted, see the class
+        documentation. ``theta`` is accepted for a common signature with :class:`CFRect`.
+        """
+        if t is None:
+            t = 0 if self.T == 1 else self._counted_step(x)
+        a = self.alpha_steps(t, 1)[0].to(x.dtype)
         phi = _triangle_primitive(x, a)
         if not self.spiking:
             return phi

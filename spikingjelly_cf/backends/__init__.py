@@ -18,6 +18,8 @@ from typing import Callable, Tuple
 
 import torch
 
+from .._compat import assume_constant_result
+
 __all__ = ['KERNEL_BACKENDS', 'AUTO_ORDER', 'get', 'module', 'is_available', 'unavailable_reason',
            'available_backends', 'kernel_dtypes']
 
@@ -61,7 +63,7 @@ def _function(name: str) -> Callable:
     return fn
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def is_available(name: str) -> bool:
     """Whether backend ``name`` can run here. A constant for ``torch.compile``: it runs once,
     outside the traced graph, and also imports the backend so that :func:`get` finds it."""
@@ -71,7 +73,7 @@ def is_available(name: str) -> bool:
     return ok
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def unavailable_reason(name: str) -> str:
     """Why backend ``name`` cannot run here ('' when it can); a constant for ``torch.compile``."""
     return str(module(name).unavailable_reason())
@@ -97,7 +99,7 @@ def kernel_dtypes(name: str, device_type: str) -> Tuple[torch.dtype, ...]:
     return ()
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _triton_interpreted() -> bool:
     return 'cpu' in module('triton').device_types()
 

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backends as _backends
+from .._compat import assume_constant_result
 from .._validation import check_cf_parameters, check_tensors
 from ..backends._ops import MEMORY_MODES
 from ..backends.reference import cf_multi_step_ref
@@ -29,7 +30,7 @@ Result = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torc
 _warned = set()
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _warn_once(key: str, message: str) -> bool:
     """Warn once per key. A constant for ``torch.compile``: Dynamo runs it once while tracing
     (so the warning is still shown) instead of breaking the graph on ``warnings.warn``."""
