@@ -141,9 +141,10 @@ class CFNode(sj_neuron.BaseNode):
         self.backend = backend
         self.store_h_seq = store_h_seq
         self.memory = memory
-        # Steps seen since the last reset: the int 0 after a reset, then a 0-d int64 CPU
-        # tensor, so that torch.compile traces one graph for every later step instead of
-        # specialising on an integer attribute (TSG reads a_t at this index).
+        # Steps seen since the last reset: an int in eager mode (no tensor per step); a step
+        # traced by torch.compile makes it a 0-d int64 CPU tensor, so that Dynamo traces one
+        # graph for every later step instead of specialising on an integer attribute (TSG reads
+        # a_t at this index).
         self.register_memory('step_count', 0)
 
     # -- construction helpers ------------------------------------------------------------------
