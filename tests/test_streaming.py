@@ -472,3 +472,31 @@ def test_outputs_recycled_only_when_nobody_holds_them():
     assert cpp.pooled_bytes() >= 3 * (1 << 20)
     cpp.empty_cache()
     assert cpp.pooled_bytes() == 0
+
+
+def test_eager_then_compiled_steps_compile_once_per_handed_over_count():
+    """The documented cost of mixing: a compiled step after k eager ones compiles a graph for
+    that count; a compiled sequence from reset_net reuses its two graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    try:
+        node = CFNode()
+        counter = CompileCounterWithBackend('aot_eager')
+        compiled = torch.compile(node, backend=counter)
+        x = torch.randn(4, 8)
+        for _ in range(4):
+            compiled(x)
+        assert counter.frame_count == 2
+        functional.reset_net(node)
+        node(x)
+        node(x)
+        assert type(node.step_count) is int
+        for _ in range(3):
+            compiled(x)
+        assert counter.frame_count == 3 and int(node.step_count) == 5
+        functional.reset_net(node)
+        for _ in range(4):
+            compiled(x)
+        assert counter.frame_count == 3
+    finally:
+        torch._dynamo.reset()
