@@ -172,8 +172,11 @@ def kernel_only_call(mode: str, x: torch.Tensor, grad_out: Optional[torch.Tensor
     training = mode == 'training'
     h = torch.zeros_like(xc) if training else None
     threads = torch.get_num_threads()
+    f32 = cpp.DTYPES[torch.float32]
+    # cf_cpu_forward(x, v0, s, h, v_seq, v_last, codes, offsets, dtype, T, N, ...): no lean form
     fwd = (xc.data_ptr(), v0.data_ptr(), s.data_ptr(), None if h is None else h.data_ptr(), None,
-           v_last.data_ptr(), T, N, c.k, c.c, c.theta_p, c.theta_n, c.k_pos, c.k_neg, threads)
+           v_last.data_ptr(), None, None, f32, T, N, c.k, c.c, c.theta_p, c.theta_n, c.k_pos,
+           c.k_neg, threads)
     # the ctypes argument tuples hold raw pointers only: the closures keep the tensors alive
     keep = [xc, v0, s, v_last, h, c.alpha]
     if not training:
@@ -185,9 +188,9 @@ def kernel_only_call(mode: str, x: torch.Tensor, grad_out: Optional[torch.Tensor
     gs = grad_out.detach().to(torch.float32).contiguous()
     grad_x, grad_v0 = torch.zeros_like(xc), torch.zeros_like(v0)
     # CFNode's training call: only s is used, so grad_h, grad_v_seq, grad_v_last are NULL
-    bwd = (KIND_CODES[c.kind], h.data_ptr(), gs.data_ptr(), None, None, None, c.alpha.data_ptr(),
-           grad_x.data_ptr(), grad_v0.data_ptr(), None, T, N, c.k, c.c, c.theta_p, c.theta_n,
-           c.k_pos, c.k_neg, int(c.detach_reset), threads)
+    bwd = (KIND_CODES[c.kind], h.data_ptr(), None, None, f32, gs.data_ptr(), None, None, None,
+           c.alpha.data_ptr(), grad_x.data_ptr(), grad_v0.data_ptr(), None, T, N, c.k, c.c,
+           c.theta_p, c.theta_n, c.k_pos, c.k_neg, int(c.detach_reset), threads)
 
     keep += [gs, grad_x, grad_v0]
 

@@ -11,9 +11,11 @@ where the full step errs), which rebuilds the plan.
 
 What a plan checks at every step (a few attribute reads and comparisons):
 
-* the input is a plain ``torch.Tensor`` with the shape, dtype and device of the step that built
-  the plan, and the state ``v`` is the very tensor the previous step stored (not replaced by the
-  user, :func:`reset_net` or :meth:`CFNode.detach`, which drop the plan anyway);
+* the input is a plain, contiguous ``torch.Tensor`` with the shape, dtype and device of the
+  step that built the plan (other layouts, e.g. ``channels_last``, run the full step, which
+  returns outputs in the input's layout), and the state ``v`` is the very tensor the previous
+  step stored (not replaced by the user, :func:`reset_net` or :meth:`CFNode.detach`, which drop
+  the plan anyway);
 * the node's parameters, backend, memory mode and surrogate (and the surrogate's ``spiking``
   and ``alpha``) equal those the plan was built with (:func:`fingerprint`);
 * nothing that intercepts or transforms operators is active: no ``torch.compile``/export
@@ -119,7 +121,8 @@ class StepPlan:
         mem = node._memories
         v = mem['v']
         if (v is not self.v or type(x) is not Tensor or x.shape != self.shape
-                or x.dtype is not self.dtype or x.device != self.device):
+                or x.dtype is not self.dtype or x.device != self.device
+                or not x.is_contiguous()):  # other layouts: the full step keeps them
             return None
         if self.key != fingerprint(node):
             return None
@@ -140,9 +143,9 @@ class StepPlan:
             s, v_new, _, _ = self.params[0](x.unsqueeze(0), v, t_start=count, **self.params[1])
             s = s[0]
         elif need:
-            s, v_new = _KernelStep.apply(x.contiguous(), v, alpha, self)
+            s, v_new = _KernelStep.apply(x, v, alpha, self)
         else:
-            s, v_new, _ = self.forward(x.contiguous(), v, alpha, False)
+            s, v_new, _ = self.forward(x, v, alpha, False)
         mem['v'] = v_new
         mem['step_count'] = count + 1
         self.v = v_new
@@ -153,7 +156,7 @@ def build_plan(node, x: Tensor, v_new: Tensor, backend: str) -> Optional[StepPla
     """A plan for the next steps of ``node`` after a full step on ``x`` that ran on ``backend``
     (resolved) and stored ``v_new``; ``None`` where the lean path does not apply."""
     if (type(x) is not Tensor or type(v_new) is not Tensor or node.store_v_seq
-            or node.store_h_seq or not v_new.is_contiguous()
+            or node.store_h_seq or not x.is_contiguous() or not v_new.is_contiguous()
             or v_new.shape != x.shape or v_new.dtype != x.dtype or v_new.device != x.device
             or not _plain(_C.is_grad_enabled())):
         return None

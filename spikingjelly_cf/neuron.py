@@ -78,7 +78,7 @@ class CFNode(sj_neuron.BaseNode):
         ``'s'`` (input ``[N, *]``) or ``'m'`` (input ``[T, N, *]``).
     backend : str
         ``'auto'`` (fastest for the tensor's device), ``'torch'`` (reference), ``'cpp'``
-        (compiled CPU kernel, float32), ``'cupy'`` (fused CUDA kernel).
+        (compiled CPU kernel, float32/float16/bfloat16), ``'cupy'`` (fused CUDA kernel).
     store_v_seq : bool
         Keep the post-reset potentials in ``self.v_seq`` (``[T, N, *]``; in single-step mode
         the steps since the last reset are appended).
@@ -90,11 +90,12 @@ class CFNode(sj_neuron.BaseNode):
         is an error.
     memory : str
         What the backward pass keeps per neuron and step. ``'normal'``: the float32 pre-reset
-        potential (4 bytes). ``'lean'``: at most 2 bytes; CFRect keeps one ``uint8`` code of
-        which level windows :math:`h` fell in (gradients bit-identical to ``'normal'``), TSG,
-        Sigmoid and ATan keep :math:`h` as ``float16`` (gradients change by the rounding of
-        :math:`h`). Implemented by the ``'cpp'`` backend; elsewhere it runs as ``'normal'``
-        with a one-time warning. ``store_h_seq=True`` keeps the float32 :math:`h` anyway.
+        potential (4 bytes). ``'lean'``: CFRect keeps 1 byte, which level windows :math:`h`
+        fell in (gradients bit-identical to ``'normal'``); TSG, Sigmoid and ATan keep 3 bytes,
+        the nearest level's index and the float16 offset of :math:`h` from it (gradients within
+        about 1e-3 of ``'normal'`` at any threshold). Implemented by the ``'cpp'`` backend;
+        elsewhere it runs as ``'normal'`` with a one-time warning. ``store_h_seq=True`` keeps
+        the float32 :math:`h` anyway.
 
     Shape
     -----

@@ -51,20 +51,20 @@ def _check_real(name: str, value, positive: bool = False) -> float:
 
 
 class _RectSpike(torch.autograd.Function):
-    """Forward: :math:`H(x)`; backward: :math:`\\alpha\\,1[|x| < w/2]`."""
+    """Forward: :math:`H(x)`; backward: ``height`` :math:`\\cdot 1[|x| < w/2]`."""
 
     @staticmethod
-    def forward(ctx, x, alpha: float, width: float):
+    def forward(ctx, x, height: float, width: float):
         if x.requires_grad:
             ctx.save_for_backward(x)
-            ctx.alpha = alpha
+            ctx.height = height
             ctx.width = width
         return heaviside(x)
 
     @staticmethod
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
-        g = (x.abs() < ctx.width / 2).to(grad_output.dtype) * ctx.alpha
+        g = (x.abs() < ctx.width / 2).to(grad_output.dtype) * ctx.height
         return grad_output * g, None, None
 
 
@@ -74,34 +74,50 @@ class CFRect(nn.Module):
     Per level the pseudo-derivative is
 
     .. math::
-        g(x) = \alpha \, \mathbb{1}\left[|x| < \tfrac{\theta}{2}\right],
+        g(x) = \alpha_\theta \, \mathbb{1}\left[|x| < \tfrac{\theta}{2}\right], \qquad
+        \alpha_\theta = 1/\theta \ \text{(default) or the given } \alpha,
 
     with :math:`\theta = \theta_P` on positive levels and :math:`|\theta_N|` on negative ones. The
     union of the :math:`K` windows of one side is exactly Eq. (14)'s window
     :math:`(\theta/2, (K + 1/2)\theta)`.
 
+    Why the default height is :math:`1/\theta` (docs/method.md, section 2): it is the slope of the
+    staircase :math:`s = \lfloor h/\theta \rfloor` whose steps the windows smooth, so
+    :math:`\partial v/\partial h = 1 - \theta\alpha_\theta = 0` inside a window and gradients
+    through time stay bounded for any threshold. A fixed height 1 (Eq. 14 read literally) gives
+    the reset factor :math:`1 - \theta`, whose powers grow exponentially in :math:`T` once
+    :math:`\theta > 2` (measured at :math:`\theta = 4`, :math:`\tau = 2`, 32 steps, inputs
+    :math:`\mathcal{N}(0, 16)`: the first step's input gradient 41x the last's, against 1.2x with
+    :math:`1/\theta`). At the paper's :math:`\theta = 1` both are the same.
+
     Parameters
     ----------
-    alpha : float
-        Height of the window (Eq. 14's :math:`\alpha`), default 1.0.
+    alpha : float or None
+        ``None`` (default): height :math:`1/\theta_P` on positive levels and :math:`1/|\theta_N|`
+        on negative ones. A float > 0: that height on both sides (Eq. 14's :math:`\alpha`).
     spiking : bool
         ``True``: forward is the exact step. ``False``: forward is the primitive
-        :math:`\alpha\,\mathrm{clamp}(x + \theta/2, 0, \theta)`, piecewise linear.
+        :math:`\alpha_\theta\,\mathrm{clamp}(x + \theta/2, 0, \theta)`, piecewise linear (from 0
+        to 1 with the default height).
 
     Examples
     --------
     >>> import torch
     >>> x = torch.tensor([-0.6, -0.2, 0.0, 0.4], requires_grad=True)
-    >>> sg = CFRect(alpha=1.0)
+    >>> sg = CFRect()
     >>> sg(x, theta=1.0)
     tensor([0., 0., 1., 1.], grad_fn=<_RectSpikeBackward>)
     >>> sg(x, theta=1.0).sum().backward(); x.grad
     tensor([0., 1., 1., 1.])
+    >>> x.grad = None; sg(x, theta=2.0).sum().backward(); x.grad  # window |x| < 1, height 1/2
+    tensor([0.5000, 0.5000, 0.5000, 0.5000])
+    >>> CFRect(alpha=1.0)
+    CFRect(alpha=1.0, spiking=True)
     """
 
-    def __init__(self, alpha: float = 1.0, spiking: bool = True):
+    def __init__(self, alpha: Optional[float] = None, spiking: bool = True):
         super().__init__()
-        self.alpha = _check_real('alpha', alpha, positive=True)
+        self.alpha = None if alpha is None else _check_real('alpha', alpha, positive=True)
         if not isinstance(spiking, bool):
             raise TypeError(f'spiking must be a bool, got {spiking!r}')
         self.spiking = spiking
@@ -109,10 +125,15 @@ class CFRect(nn.Module):
     def set_spiking_mode(self, spiking: bool):
         self.spiking = spiking
 
+    def height(self, theta: float) -> float:
+        """The window's height on a side with threshold magnitude ``theta``: ``alpha``, or
+        ``1/theta`` by default."""
+        return 1.0 / theta if self.alpha is None else self.alpha
+
     def forward(self, x: torch.Tensor, theta: float = 1.0, t: Optional[int] = None) -> torch.Tensor:
         if self.spiking:
-            return _RectSpike.apply(x, self.alpha, theta)
-        return self.alpha * torch.clamp(x + theta / 2, min=0.0, max=theta)
+            return _RectSpike.apply(x, self.height(theta), theta)
+        return self.height(theta) * torch.clamp(x + theta / 2, min=0.0, max=theta)
 
     def extra_repr(self):
         return f'alpha={self.alpha}, spiking={self.spiking}'
@@ -367,7 +388,8 @@ def surrogate_spec(surrogate_function, t_start: int, T: int,
     (kind, alpha)
         ``kind`` is ``'rect'``, ``'tsg'``, ``'sigmoid'`` or ``'atan'``. ``alpha`` is a float, or for
         TSG the differentiable float32 tensor of :math:`a_t` for steps ``t_start .. t_start+T-1``
-        (shape ``[T]``, on ``device``).
+        (shape ``[T]``, on ``device``), or for :class:`CFRect` with its default height ``None``
+        (``1/theta`` per side; the kernels receive it as ``alpha = 0``).
     None
         For a surrogate in ``spiking=False`` mode or of any other class.
     """
@@ -379,6 +401,8 @@ def surrogate_spec(surrogate_function, t_start: int, T: int,
         if device is not None:
             a = a.to(device)
         return 'tsg', a
+    if kind == 'rect' and surrogate_function.alpha is None:
+        return 'rect', None
     return kind, float(surrogate_function.alpha)
 
 

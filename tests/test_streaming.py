@@ -121,6 +121,40 @@ def test_lean_inference_equals_full_path(full_calls, monkeypatch):
     assert torch.equal(lean[0], full[0]) and torch.equal(lean[1], full[1])
 
 
+@needs_cpp
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_lean_steps_in_half_precision_equal_full_path(dtype, full_calls, monkeypatch):
+    """The cpp kernel's float16/bfloat16 storage: the plan gives the full step's results."""
+    xs, g = _inputs(5).to(dtype), _inputs(5, seed=1).to(dtype)
+    sg = _tsg(8)
+    lean = _run_steps(CFNode(surrogate_function=sg), xs, g, params=[sg.p])
+    assert len(full_calls) == 1
+    monkeypatch.setattr(_step, 'build_plan', lambda *a, **k: None)
+    sg_full = copy.deepcopy(sg)
+    full = _run_steps(CFNode(surrogate_function=sg_full), xs, g, params=[sg_full.p])
+    assert len(full_calls) == 1 + 5
+    assert lean[0].dtype == dtype and torch.equal(lean[0], full[0])
+    assert torch.equal(lean[1], full[1])
+    for a, b in zip(lean[2], full[2]):
+        assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_channels_last_steps_keep_their_layout(full_calls):
+    """Non-contiguous inputs (channels_last frames) run the full step, whose outputs keep the
+    input's layout; contiguous ones run the plan."""
+    node = CFNode()
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    outs = [node(x * (t + 1)) for t in range(3)]
+    assert len(full_calls) == 3
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)
+    functional.reset_net(node)
+    ref = [node(x.contiguous() * (t + 1)) for t in range(3)]
+    assert len(full_calls) == 4
+    for a, b in zip(outs, ref):
+        assert torch.equal(a, b)
+
+
 def test_reference_backend_plan_equals_reference(full_calls):
     """Backends without a kernel body (the reference here) keep a plan too: the backend's own
     multi-step function with the validated arguments."""
