@@ -17,7 +17,9 @@ What a plan checks at every step (a few attribute reads and comparisons):
   step stored (not replaced by the user, :func:`reset_net` or :meth:`CFNode.detach`, which drop
   the plan anyway);
 * the node's parameters, backend, memory mode and surrogate (and the surrogate's ``spiking``
-  and ``alpha``) equal those the plan was built with (:func:`fingerprint`);
+  and ``alpha``), and ``torch.are_deterministic_algorithms_enabled()``, equal those the plan was
+  built with (:func:`fingerprint`): the backend resolution depends on nothing else (its
+  first-use checks of run-time-compiled kernels ran in the full step and are cached per key);
 * nothing that intercepts or transforms operators is active: no ``torch.compile``/export
   tracing, no ``TorchDispatchMode`` (fake tensors, op counters), no functorch transform
   (``vmap``/``grad``), and, when gradients are on, no saved-tensor hooks (checkpointing, whose
@@ -45,6 +47,7 @@ from .surrogate import TSG
 __all__ = ['StepPlan', 'build_plan', 'fingerprint']
 
 _C = torch._C
+_deterministic = torch.are_deterministic_algorithms_enabled
 
 
 def fingerprint(node) -> tuple:
@@ -56,7 +59,8 @@ def fingerprint(node) -> tuple:
     return (d.get('tau'), d.get('decay_input'), d.get('v_threshold'), d.get('_v_threshold_neg'),
             d.get('k_pos'), d.get('k_neg'), d.get('detach_reset'), d.get('_backend'),
             d.get('memory'), d.get('_store_v_seq'), d.get('_store_h_seq'), sg,
-            sd.get('spiking'), sd.get('alpha'))
+            sd.get('spiking'), sd.get('alpha'),
+            _deterministic())  # 'auto' passes over kernels that are not deterministic then
 
 
 def _plain(grad: bool) -> bool:

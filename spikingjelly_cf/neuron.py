@@ -325,9 +325,12 @@ class CFNode(sj_neuron.BaseNode):
             self.__dict__['v_seq'] = v_seq if old is None else torch.cat((old, v_seq))
         if committed and not torch.compiler.is_compiling():
             # a step that committed its state (not a checkpoint re-run) leaves a plan
+            # (the backend this step ran on: resolved again with the same key, so a first-use
+            # check has run and its verdict is cached)
             self.__dict__['_step_plan'] = _step.build_plan(
-                self, x, self.v, resolve_backend(self.backend, x.unsqueeze(0),
-                                                 self.surrogate_function))
+                self, x, self.v, resolve_backend(
+                    self.backend, x.unsqueeze(0), self.surrogate_function, k_pos=self.k_pos,
+                    k_neg=self.k_neg, detach_reset=self.detach_reset))
         return s_seq[0]
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:

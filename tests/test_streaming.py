@@ -534,3 +534,42 @@ def test_eager_then_compiled_steps_compile_once_per_handed_over_count():
         assert counter.frame_count == 3
     finally:
         torch._dynamo.reset()
+
+
+@needs_cpp
+def test_plan_honours_the_backend_resolution(monkeypatch, full_calls):
+    """The plan runs the backend the full step resolved, with the node's own key: a kernel that
+    failed its first-use check (simulated here for cpp) stays unused on the lean steps too."""
+    from spikingjelly_cf import backends
+    keys = []
+
+    def failing(name, device, dtype, kind, k_pos, k_neg, detach_reset):
+        keys.append((name, kind, k_pos, k_neg, detach_reset))
+        return 'simulated first-use failure' if name == 'cpp' else None
+    monkeypatch.setattr(backends, 'first_use_check', failing)
+    node = CFNode(k_pos=3, k_neg=1, detach_reset=True)
+    xs = _inputs(5)
+    launches = cpp.launch_count
+    with pytest.warns(RuntimeWarning, match='simulated first-use failure'):
+        outs = [node(x) for x in xs]
+    assert cpp.launch_count == launches, 'cpp ran although its first-use check failed'
+    assert len(full_calls) == 1, 'the reference plan ran the other steps'
+    assert keys and set(keys) == {('cpp', 'rect', 3, 1, True)}
+    s, _, _, _ = cf_multi_step_ref(xs, torch.zeros(3, 5), k_pos=3, k_neg=1, detach_reset=True)
+    assert torch.equal(torch.stack(outs), s)
+
+
+@needs_cpp
+def test_deterministic_mode_change_reruns_the_full_step(full_calls):
+    node = CFNode()
+    xs = _inputs(4)
+    node(xs[0])
+    node(xs[1])
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        node(xs[2])
+        node(xs[3])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(full_calls) == 2
