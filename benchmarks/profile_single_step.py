@@ -107,10 +107,11 @@ def layers_of_the_call(B: int, N: int, number: int) -> dict:
     lib = cpp._load()
     s_buf, v_buf = torch.empty(B * N), torch.empty(B * N)
     kernel_args = (call.x.data_ptr(), call.v0.data_ptr(), s_buf.data_ptr(), None, None,
-                   v_buf.data_ptr(), 1, B * N, call.k, call.c, call.theta_p, call.theta_n, 2, 2, 1)
+                   v_buf.data_ptr(), None, None, cpp.DTYPES[torch.float32], 1, B * N, call.k,
+                   call.c, call.theta_p, call.theta_n, 2, 2, 1)
     x_one, v_one, s_one, w_one = (torch.zeros(1) for _ in range(4))
     kernel_one = (x_one.data_ptr(), v_one.data_ptr(), s_one.data_ptr(), None, None, w_one.data_ptr(),
-                  1, 1, call.k, call.c, 1.0, -1.0, 2, 2, 1)
+                  None, None, cpp.DTYPES[torch.float32], 1, 1, call.k, call.c, 1.0, -1.0, 2, 2, 1)
     tsg = TSG(T=SINGLE_TSG_T)
     count = torch.tensor(7, dtype=torch.int64)
     layers = [
