@@ -59,8 +59,9 @@ def test_info_runs(tmp_path):
     if backends.is_available('cpp'):
         assert "float32   runs: cpp" in out and "'auto' -> cpp" in out
         assert cpu['float32']['auto'] == 'cpp'
-    assert cpu['float16']['auto'] == 'torch'
-    assert 'cpp' in cpu['float16']['unavailable']  # why the others cannot
+        assert cpu['float16']['auto'] == cpu['bfloat16']['auto'] == 'cpp'
+    assert cpu['float64']['auto'] == 'torch'
+    assert 'cpp' in cpu['float64']['unavailable']  # why the others cannot
     assert 'cupy' in cpu['float32']['unavailable']
 
 
