@@ -29,7 +29,7 @@ PASSES=${PASSES:-1 docs 2 3}
 PASS3_TESTS=(tests/test_examples.py tests/test_synthetic_gesture.py tests/test_kernels_cpu.py
              tests/test_ops.py tests/test_neuron.py tests/test_pnb.py tests/test_compile.py
              tests/test_checkpoint.py tests/test_tsg_spikingjelly.py tests/test_cfrect.py
-             tests/test_layout.py)
+             tests/test_layout.py tests/test_streaming.py)
 
 case " $PASSES " in
   *" 3 "*) bash scripts/setup_env.sh --sj2-full ;;

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron as sj_neuron
 
-from . import _compat, _recompute
+from . import _compat, _recompute, _step
 from .backends._ops import MEMORY_MODES
 from ._validation import check_v_threshold_neg
-from .functional.neuron import BACKENDS, cf_multi_step, check_cf_parameters
+from .functional.neuron import BACKENDS, cf_multi_step, check_cf_parameters, resolve_backend
 from .surrogate import CFRect
 
 __all__ = ['CFNode', 'VARIANTS', 'variant_kwargs', 'replace_neurons']
@@ -142,9 +142,10 @@ class CFNode(sj_neuron.BaseNode):
         self.backend = backend
         self.store_h_seq = store_h_seq
         self.memory = memory
-        # Steps seen since the last reset: the int 0 after a reset, then a 0-d int64 CPU
-        # tensor, so that torch.compile traces one graph for every later step instead of
-        # specialising on an integer attribute (TSG reads a_t at this index).
+        # Steps seen since the last reset: an int in eager mode (no tensor per step); a step
+        # traced by torch.compile makes it a 0-d int64 CPU tensor, so that Dynamo traces one
+        # graph for every later step instead of specialising on an integer attribute (TSG reads
+        # a_t at this index).
         self.register_memory('step_count', 0)
 
     # -- construction helpers ------------------------------------------------------------------
@@ -213,10 +214,17 @@ class CFNode(sj_neuron.BaseNode):
         self.__dict__['v_seq'] = None
         self.__dict__['h_seq'] = None
         self.__dict__.pop('_rerun_h_seq', None)
+        self.__dict__['_step_plan'] = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_step_plan'] = None  # rebuilt by the next full step (see spikingjelly_cf._step)
+        return state
 
     def detach(self):
         # Out of place: SpikingJelly's detach_() refuses the state of a kernel backend, a view of
         # the op's output ("Can't detach views in-place").
+        self.__dict__['_step_plan'] = None
         for key, value in self._memories.items():
             if isinstance(value, torch.Tensor):
                 self._memories[key] = value.detach()
@@ -279,7 +287,7 @@ class CFNode(sj_neuron.BaseNode):
             # must save what the first run saved, even after a reset dropped self.h_seq)
             if h_seq is not None:
                 self.__dict__['_rerun_h_seq'] = h_seq
-            return s_seq, None
+            return s_seq, None, False
         if not torch.compiler.is_compiling():
             self.__dict__.pop('_rerun_h_seq', None)
         if torch.compiler.is_exporting() and _is_fake(v):
@@ -287,22 +295,42 @@ class CFNode(sj_neuron.BaseNode):
             # function of its input from a reset state, and torch 2.9 would otherwise leave the
             # fake tensors in the module's memories. (Under Dynamo, v is no FakeTensor; torch
             # 2.9's is_exporting() is wrongly True inside torch.compile too.)
-            return s_seq, v_seq
+            return s_seq, v_seq, False
         self.v = v
-        count = self.step_count  # 0 after a reset, then a 0-d int64 CPU tensor (see __init__)
-        if not isinstance(count, torch.Tensor):
-            count = torch.tensor(count, dtype=torch.int64)
-        self.step_count = count + x_seq.shape[0]
+        count = self.step_count  # see __init__
+        if torch.compiler.is_compiling():
+            if not isinstance(count, torch.Tensor):
+                count = torch.tensor(count, dtype=torch.int64)
+            self.step_count = count + x_seq.shape[0]
+        else:
+            self.step_count = int(count) + x_seq.shape[0]
         if self.store_h_seq:
             self.__dict__['h_seq'] = h_seq
-        return s_seq, v_seq
+        return s_seq, v_seq, True
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            # eager: the lean path of spikingjelly_cf._step when the last step left a plan that
+            # still applies (same shapes, parameters, backend, ...); otherwise the full step
+            plan = self.__dict__.get('_step_plan')
+            if plan is not None:
+                s = plan.run(self, x)
+                if s is not None:
+                    return s
+                self.__dict__['_step_plan'] = None
         v = self._initial_v(x, 'x')
-        s_seq, v_seq = self._run(x.unsqueeze(0), v)
+        s_seq, v_seq, committed = self._run(x.unsqueeze(0), v)
         if v_seq is not None:
             old = self.__dict__.get('v_seq')
             self.__dict__['v_seq'] = v_seq if old is None else torch.cat((old, v_seq))
+        if committed and not torch.compiler.is_compiling():
+            # a step that committed its state (not a checkpoint re-run) leaves a plan
+            # (the backend this step ran on: resolved again with the same key, so a first-use
+            # check has run and its verdict is cached)
+            self.__dict__['_step_plan'] = _step.build_plan(
+                self, x, self.v, resolve_backend(
+                    self.backend, x.unsqueeze(0), self.surrogate_function, k_pos=self.k_pos,
+                    k_neg=self.k_neg, detach_reset=self.detach_reset))
         return s_seq[0]
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -310,7 +338,7 @@ class CFNode(sj_neuron.BaseNode):
             raise ValueError(f"x_seq must be a tensor of shape [T, N, *] with T >= 1 in "
                              f"step_mode='m', got {getattr(x_seq, 'shape', type(x_seq).__name__)}")
         v = self._initial_v(x_seq[0], 'x_seq[t]')
-        s_seq, v_seq = self._run(x_seq, v)
+        s_seq, v_seq, _ = self._run(x_seq, v)
         if v_seq is not None:
             self.__dict__['v_seq'] = v_seq
         return s_seq

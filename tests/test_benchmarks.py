@@ -150,6 +150,111 @@ def test_neuron_quick_reports(neuron_run):
     assert '=== targets ===' in proc.stdout
 
 
+def test_neuron_quick_single_step_section(neuron_run):
+    """The single-step (streaming) rows: CF checked against the reference, CF and LIF timed in
+    one run per mode, ratios of those medians, the load noted, targets from the eager pair."""
+    proc, payload, markdown = neuron_run
+    ss = payload['single_step']
+    assert ss['threads'] == 1 and ss['T'] == 20 and set(ss['layers']) == {'small'}
+    assert ss['checks'] and all(c['passed'] for c in ss['checks']), ss['checks']
+    assert {c['mode'] for c in ss['cases']} == {'inference', 'training'}
+    for case in ss['cases']:
+        assert case['load_average_before'] and case['rounds'] >= 3
+        rows = {r['family']: r for r in case['rows']}
+        assert set(rows) == {'CF', 'LIF'}, rows   # --quick: no compiled candidates
+        for r in rows.values():
+            assert r['status'] == 'ok', r
+            assert _positive(r['per_step_s']['median']) and _positive(r['cpu_per_step_s'])
+            assert r['per_step_s']['repeats'] == case['rounds']
+        (pair,) = case['ratios']
+        assert pair['target'] and pair['cf'] == rows['CF']['candidate']
+        assert pair['ratio'] == pytest.approx(rows['CF']['per_step_s']['median']
+                                              / rows['LIF']['per_step_s']['median'])
+    stated = [t for t in payload['targets'] if 'single-step' in t['target']]
+    assert len(stated) == 2 and all(t['passed'] is (t['value'] <= 1.0) for t in stated)
+    assert 'Single-step (streaming) mode' in markdown and 'single-step (streaming)' in proc.stdout
+
+
+def test_single_step_timing_alternates():
+    """Every round runs one sequence of each candidate, the order reversed every other round,
+    and the ratio divides the medians of those same rounds."""
+    bn = _load('bench_neuron')
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly_cf import CFNode
+    order = []
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, tag, inner):
+            super().__init__()
+            self.tag, self.inner = tag, inner
+
+        def forward(self, x):
+            order.append(self.tag)
+            return self.inner(x)
+
+        def reset(self):
+            self.inner.reset()
+
+    cands = [bn.Candidate('cf', 'CF', 'auto', default=True,
+                          factory=lambda: Tagged('cf', CFNode(step_mode='s'))),
+             bn.Candidate('lif', 'LIF', 'torch',
+                          factory=lambda: Tagged('lif', sj_neuron.LIFNode(step_mode='s')))]
+    cfg = bn.Config(device=torch.device('cpu'), dtypes=[torch.float32], Ts=[4], Ns=[64],
+                    modes=['inference'], warmup=1, min_repeats=4, budget_s=0.0, max_call_s=1.0,
+                    memory=False, check_N=64, quick=True, only=None, single_step='only',
+                    single_step_layers={'tiny': (2, 8)}, single_step_T=3,
+                    single_step_budget_s=0.0)
+    case = bn.time_single_step(cfg, cands, 'inference', 'tiny')
+    assert case['rounds'] == 4
+    timed = order[2 * 3 * 2:]   # first sequence + one warm-up sequence of each, 3 steps each
+    per_round = [timed[i:i + 6] for i in range(0, len(timed), 6)]
+    assert per_round[0] == ['cf'] * 3 + ['lif'] * 3 and per_round[1] == ['lif'] * 3 + ['cf'] * 3
+    assert len(per_round) == 4
+    (pair,) = case['ratios']
+    rows = {r['candidate']: r for r in case['rows']}
+    assert pair['ratio'] == pytest.approx(rows['cf']['per_step_s']['median']
+                                          / rows['lif']['per_step_s']['median'])
+    (target,) = bn.single_step_targets(dict(threads=1, cases=[case]))
+    assert target['passed'] is (pair['ratio'] <= 1.0) and 'timed alternately' in target['target']
+
+
+def test_single_step_check_catches_a_wrong_neuron():
+    """The single-step correctness check fails for a neuron that is not the CF neuron."""
+    bn = _load('bench_neuron')
+    from spikingjelly_cf import CFNode
+    good = bn.check_single_step(bn.Candidate('cf', 'CF', 'auto', factory=lambda: CFNode()),
+                                2, 8, 6, torch.device('cpu'), torch.float32)
+    assert good['passed'], good
+    bad = bn.check_single_step(bn.Candidate('cf', 'CF', 'auto',
+                                            factory=lambda: CFNode(v_threshold=1.1)),
+                               2, 8, 6, torch.device('cpu'), torch.float32)
+    assert not bad['passed'] and bad['neurons_with_spike_mismatch'] > 0, bad
+
+
+def test_profile_single_step_smoke(tmp_path):
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, 'profile_single_step.py'),
+                           '--batch', '2', '--neurons', '8', '--T', '4', '--reps', '1',
+                           '--number', '5', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (md,) = glob.glob(os.path.join(str(tmp_path), '*_cpu-*core', 'single_step_profile_*.md'))
+    with open(md[:-3] + '.json') as f:
+        payload = json.load(f)
+    layers = payload['layers']['layers']
+    assert layers[0]['name'].startswith('node(x)') and all(_positive(r['us']) for r in layers)
+    for mode in ('inference', 'training'):
+        cats = payload['cprofile'][mode]['categories']
+        assert sum(c['fraction'] for c in cats) == pytest.approx(1.0)
+    assert set(payload['aten']) == {'CFNode inference', 'CFNode training (forward steps)',
+                                    'LIFNode inference', 'LIFNode training (forward steps)'}
+    with open(md) as f:
+        text = f.read()
+    for heading in ('Layers of one inference step', 'cProfile, inference', 'ATen ops per step'):
+        assert heading in text
+
+
 def test_training_quick_reports(training_run):
     proc, payload, markdown = training_run
     _check_meta(payload['meta'])

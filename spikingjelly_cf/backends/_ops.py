@@ -60,6 +60,7 @@ def _saved_tensors_hooked() -> bool:
 NAMESPACE = 'spikingjelly_cf'
 
 _ops = {}  # backend -> (forward op, backward op)
+_impls = {}  # backend -> (forward body, backward body, recycle_h, supports_lean, step_forward)
 
 
 def forward_op(backend: str):
@@ -70,6 +71,14 @@ def forward_op(backend: str):
 def backward_op(backend: str):
     """The registered backward op of ``backend``."""
     return _ops[backend][1]
+
+
+def kernel_impls(backend: str):
+    """``(forward body, backward body, recycle_h, supports_lean, step_forward)`` of a kernel
+    backend whose module has been imported (the op bodies themselves, for CFNode's lean
+    single-step path in eager mode, ``spikingjelly_cf._step``), or ``None`` for any other
+    backend."""
+    return _impls.get(backend)
 
 
 #: ``memory`` of the multi-step functions: ``'normal'`` saves float32 ``h`` for the backward
@@ -130,7 +139,8 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
                       forward_impl: Callable, backward_impl: Callable,
                       recycle_h: Optional[Callable[[Tensor], None]] = None,
                       check_call: Optional[Callable[[Tensor], None]] = None,
-                      supports_lean: bool = False) -> Callable:
+                      supports_lean: bool = False,
+                      step_forward: Optional[Callable] = None) -> Callable:
     """Register ``cf_forward_<backend>`` / ``cf_backward_<backend>`` and return the backend's
     multi-step function.
 
@@ -153,6 +163,11 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
         The backend implements memory-lean saving: ``forward_impl`` takes the keyword ``lean``
         and ``backward_impl`` accepts ``h`` in the forms of :func:`lean_shape`.
         Without it, ``memory='lean'`` runs in normal mode (the dispatcher warns).
+    step_forward : callable, optional
+        The forward body for one time step on tensors of any one shape, ``(x, v, alpha, kind,
+        k, c, theta_p, theta_n, k_pos, k_neg, save_h) -> (s, v_new, h or None)``, used by
+        CFNode's lean single-step path in eager mode (``spikingjelly_cf._step``); without it
+        that path calls ``forward_impl`` on ``[1, N]`` views.
     """
     ns = f'{NAMESPACE}::'
 
@@ -230,6 +245,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
 
     cf_forward.register_autograd(backward, setup_context=setup_context)
     _ops[backend] = (cf_forward, cf_backward)
+    _impls[backend] = (forward_impl, backward_impl, recycle_h, supports_lean, step_forward)
 
     def cf_multi_step(x_seq: Tensor, v: Tensor, tau: float = 4 / 3, decay_input: bool = False,
                       v_threshold: float = 1.0, v_threshold_neg: Optional[float] = None,

@@ -41,7 +41,7 @@ from ._common import KIND_CODES, grad_view, ptr
 from ._ops import define_kernel_ops, lean_shape
 
 __all__ = ['available', 'unavailable_reason', 'cf_multi_step_cpp', 'library_path', 'empty_cache',
-           'build_info', 'DTYPES', 'LIBRARY_ENV']
+           'pooled_bytes', 'build_info', 'DTYPES', 'LIBRARY_ENV']
 
 _ABI_VERSION = 3  # CF_ABI_VERSION in csrc/cf_cpu.c
 
@@ -203,10 +203,54 @@ def _give(buffer: torch.Tensor) -> None:
             free.append(buffer)
 
 
+# -- recycled buffers for the outputs ---------------------------------------------------------------
+# The outputs (s, v_last, grad_x, ...) are the caller's, so they cannot go back to the pool above
+# when an autograd node dies. But a large fresh output pays the first touch of every page it is
+# written to (glibc maps allocations of 32 MiB and more freshly each time; at T=8, N=2^20 that is
+# several times the kernel's own time). So outputs of at least _OUT_POOL_MIN_BYTES are aliases
+# of buffers kept here (up to _OUT_POOL_PER_SIZE per size), and a buffer is handed out again
+# only when no tensor references its storage any more: the pool's own tensor and the temporary
+# storage object of the check are then the only references (torch's storage use count), so a
+# returned output, any view of it, an autograd graph or a NumPy array that still holds it keeps
+# the buffer out of circulation. Without that count (another torch) outputs are plain new tensors.
+_OUT_POOL_MIN_BYTES = 1 << 20
+_OUT_POOL_PER_SIZE = 4
+_out_pool: dict = {}
+_storage_use_count = getattr(torch._C, '_storage_Use_Count', None)
+
+
+def _output(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new contiguous output of ``shape``: a free recycled buffer when it is large (see above)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if _storage_use_count is None or numel * dtype.itemsize < _OUT_POOL_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    with _lock:
+        buffers = _out_pool.setdefault((numel, dtype), [])
+        for buf in buffers:
+            storage = buf.untyped_storage()
+            if _storage_use_count(storage._cdata) == 2:  # buf and `storage`: nobody else
+                return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        buf = torch.empty(numel, dtype=dtype)
+        if len(buffers) < _OUT_POOL_PER_SIZE:
+            buffers.append(buf)
+        return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), 0, shape)
+
+
+def pooled_bytes() -> int:
+    """Bytes held by the CPU kernel's buffer pools (saved ``h`` and recycled outputs)."""
+    with _lock:
+        return sum(b.untyped_storage().nbytes() for pool in (_pool, _out_pool)
+                   for bufs in pool.values() for b in bufs)
+
+
 def empty_cache() -> None:
-    """Release the pooled ``h_seq`` buffers of the CPU kernel (like ``torch.cuda.empty_cache``)."""
+    """Release the CPU kernel's pooled buffers: the saved ``h_seq`` pool and the recycled
+    output buffers (like ``torch.cuda.empty_cache``; outputs still in use stay valid)."""
     with _lock:
         _pool.clear()
+        _out_pool.clear()
 
 
 def _dtype_code(dtype: torch.dtype, what: str) -> int:
@@ -231,11 +275,11 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
     T, N = x.shape
     x = x.contiguous()
     v0 = v0.to(x.dtype).contiguous()
-    s = torch.empty_like(x)
-    v_last = torch.empty_like(v0)
+    s = _output((T, N), x.dtype)
+    v_last = _output((N,), x.dtype)
     code = off = None
     if return_h:  # handed to the caller: a tensor of its own
-        h = torch.empty((T, N), dtype=torch.float32)
+        h = _output((T, N), torch.float32)
     elif save_h and lean:  # memory-lean: read only by the backward pass, pooled
         h = None
         if kind == KIND_CODES['rect']:
@@ -246,7 +290,7 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
         h = _take((T, N))
     else:
         h = None
-    v_seq = torch.empty_like(x) if return_v else None
+    v_seq = _output((T, N), x.dtype) if return_v else None
     rc = lib.cf_cpu_forward(x.data_ptr(), v0.data_ptr(), s.data_ptr(), ptr(h), ptr(v_seq),
                             v_last.data_ptr(), ptr(code), ptr(off), dt, T, N, k, c, theta_p,
                             theta_n, k_pos, k_neg, torch.get_num_threads())
@@ -256,6 +300,25 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
     saved = code if code is not None else (off if off is not None else h)
     return (s, v_last, (empty.float() if saved is None else saved),
             (empty.clone() if v_seq is None else v_seq))
+
+
+def _step_forward(x, v, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h):
+    """One time step for CFNode's lean single-step path (``spikingjelly_cf._step``): the forward
+    op body for ``T = 1`` on contiguous ``x`` and ``v`` of one shape and storage dtype, without
+    the reshaping and the empty outputs the op needs. Returns ``(s, v_new, h)``, ``s`` and
+    ``v_new`` shaped like ``x`` in its dtype, ``h`` the pooled float32 ``[1, N]`` buffer when
+    ``save_h``, else ``None``."""
+    global launch_count
+    n = x.numel()
+    s = _output(x.shape, x.dtype)
+    v_new = _output(x.shape, x.dtype)
+    h = _take((1, n)) if save_h else None
+    _check(_lib.cf_cpu_forward(x.data_ptr(), v.data_ptr(), s.data_ptr(), ptr(h), None,
+                               v_new.data_ptr(), None, None, DTYPES[x.dtype], 1, n, k, c,
+                               theta_p, theta_n, k_pos, k_neg, torch.get_num_threads()),
+           'forward')
+    launch_count += 1
+    return s, v_new, h
 
 
 def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
@@ -283,8 +346,8 @@ def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, the
         raise TypeError(f'cf_backward_cpp: the saved h must be float32 [T, N], uint8 window '
                         f'codes [T, N] (CFRect) or uint8 offsets [T, 3, N], got {h.dtype} '
                         f'{tuple(h.shape)} for surrogate kind {kind}')
-    grad_x = torch.empty(T, N, dtype=grad_dtype)
-    grad_v0 = torch.empty(N, dtype=grad_dtype)
+    grad_x = _output((T, N), grad_dtype)
+    grad_v0 = _output((N,), grad_dtype)
     grad_alpha = torch.empty(T if need_grad_alpha else 0, dtype=torch.float32)
     rc = lib.cf_cpu_backward(kind, ptr(h32), ptr(code), ptr(off), dt, ptr(grad_s), ptr(grad_h),
                              ptr(grad_v_seq), ptr(grad_v_last), alpha.data_ptr(),
@@ -311,4 +374,5 @@ def _check_call(x_seq) -> None:
 #: ``[T, *]`` or ``None`` (``h_seq`` computed in float32, returned in ``x_seq``'s dtype).
 #: Gradients flow to ``x_seq``, ``v`` and TSG's parameter.
 cf_multi_step_cpp = define_kernel_ops('cpp', 'cpu', _forward, _backward, recycle_h=_give,
-                                      check_call=_check_call, supports_lean=True)
+                                      check_call=_check_call, supports_lean=True,
+                                      step_forward=_step_forward)
