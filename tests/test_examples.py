@@ -232,7 +232,9 @@ def test_dvs_lost_integration_worker_is_redone(tmp_path, monkeypatch):
     monkeypatch.setattr(sjds, 'integrate_events_file_to_frames_file_by_fixed_frames_number', flaky)
     sets = dvs._integrate(root, 3, DVS128Gesture, verbose=False)
     redone = [f for f, main in calls if main]
-    assert len(redone) == 1 and os.sep + os.path.join('train', '10') + os.sep in redone[0]
+    # the simulated loss is redone (under load SpikingJelly 0.0.0.0.14 may lose another file of its
+    # own: the example redoes that one too, which is what it is for)
+    assert any(os.sep + os.path.join('train', '10') + os.sep in f for f in redone), redone
     assert len(sets['train']) == len(sets['test']) == 11
     assert dvs._count_files(dvs._frames_dir(root, 3)) == dvs._count_files(os.path.join(root, 'events_np'))
     assert sorted(int(t) for _, t in sets['train'].samples) == list(range(11))
