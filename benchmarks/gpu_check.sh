@@ -162,9 +162,10 @@ step bench "$LIMIT" "$PY" -m spikingjelly_cf bench --device "$DEV" --backends cu
   "${QUICK[@]}" --deadline-s $(( LIMIT > 60 ? LIMIT - 30 : LIMIT / 2 )) --json "$RESULTS/bench.json"
 
 # -- 5. the first-use check's one-time cost ------------------------------------------------------
+REPEATS=2; [ ${#QUICK[@]} -gt 0 ] && REPEATS=1   # --quick: one fresh process per measurement
 for backend in triton cupy; do
   step "first_use_cost_$backend" "$(cap 60)" "$PY" benchmarks/first_use_cost.py --device "$DEV" \
-    --backend "$backend" --repeats 2 --timeout-s 25 --out "$RESULTS"
+    --backend "$backend" --repeats "$REPEATS" --timeout-s 25 --out "$RESULTS"
 done
 
 # -- 6. if time is left: the inductor backend's check, SpikingJelly 2.0's LIFNode ------------------
