@@ -56,17 +56,17 @@ for p in $PASSES; do
   case $p in
     1) run_pass "1 (torch 2.14.1, SpikingJelly 0.0.0.0.14)" \
          PYTHONPATH= SPIKINGJELLY_CF_EXPECT_SJ=0.0.0.0.14 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 -- \
-         "$VENV/bin/python" -m pytest -q --durations=15 "$@" ;;
+         "$VENV/bin/python" -m pytest -q --durations=30 "$@" ;;
     2) run_pass "2 (torch 2.14.1, SpikingJelly 2.0.0 without its dependencies)" \
          PYTHONPATH="$VENV/sj/2.0.0" SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 \
          SPIKINGJELLY_CF_SKIP_DOC_SMOKE=1 -- \
-         "$VENV/bin/python" -m pytest -q --durations=15 -m "not one_pass" "$@" ;;
+         "$VENV/bin/python" -m pytest -q --durations=30 -m "not one_pass" "$@" ;;
     docs) rm -rf docs/_build
        run_pass "docs (sphinx-build -W: a warning fails it)" PYTHONPATH= -- \
          "$VENV/bin/python" -m sphinx -W --keep-going -q -b html docs docs/_build/html ;;
     3) run_pass "3 (torch 2.9.1, SpikingJelly 2.0.0 with its dependencies)" \
          PYTHONPATH= SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.9.1 SPIKINGJELLY_CF_EXPECT_DATASETS=1 -- \
-         "$VENV_SJ2/bin/python" -m pytest -q --durations=15 "${PASS3_TESTS[@]}" "$@" ;;
+         "$VENV_SJ2/bin/python" -m pytest -q --durations=30 "${PASS3_TESTS[@]}" "$@" ;;
     *) echo "unknown pass $p in PASSES (allowed: 1 docs 2 3)" >&2; exit 2 ;;
   esac
 done

@@ -65,6 +65,7 @@ def test_info_runs(tmp_path):
     assert 'cupy' in cpu['float32']['unavailable']
 
 
+@pytest.mark.one_pass  # the check compares kernels with the reference: independent of the SpikingJelly line
 def test_check_quick_passes(tmp_path):
     if not backends.is_available('cpp'):
         pytest.skip(backends.unavailable_reason('cpp'))
@@ -210,6 +211,7 @@ def test_wrong_build_of_the_kernel_fails(tmp_path, mutation):
             proc.stdout[-3000:]
 
 
+@pytest.mark.one_pass  # the check compares kernels with the reference: independent of the SpikingJelly line
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='Triton is not installed')
 @pytest.mark.filterwarnings('ignore:overflow encountered:RuntimeWarning',
                             'ignore:invalid value encountered:RuntimeWarning')

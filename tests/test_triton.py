@@ -124,6 +124,7 @@ def random_case(cfg, dtype=torch.float32):
 @settings(max_examples=int(os.environ.get('SPIKINGJELLY_CF_TRITON_EXAMPLES', 40)),
           derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @given(configs(), st.sampled_from(DTYPES), st.sampled_from([16, 32, 1024]))
 def test_triton_matches_reference(cfg, dtype, block):
     tb.BLOCK = block
@@ -146,6 +147,7 @@ def test_many_programs_ragged_block(sg_name, k_pos, k_neg):
     compare(x, torch.randn(N), make_surrogate(sg_name, None, T), kwargs, upstream)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('theta_p,theta_n', [(0.5, -0.85), (1.0, -0.6), (4.0, -6.8)])
 @pytest.mark.parametrize('alpha', [None, 0.7])
 def test_rect_heights_at_several_thresholds(theta_p, theta_n, alpha):
@@ -162,6 +164,7 @@ def test_rect_heights_at_several_thresholds(theta_p, theta_n, alpha):
     compare(x, torch.randn(N) * 0.3 * scale, CFRect(alpha=alpha), kwargs, upstream)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_storage_dtypes_all_outputs(dtype):
     """Every output and incoming gradient in half/bfloat16; TSG with distinct a_t."""
@@ -175,6 +178,7 @@ def test_storage_dtypes_all_outputs(dtype):
     compare(x, torch.randn(N), make_surrogate('tsg', 1.0, T + 1), kwargs, upstream, dtype)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_storage_rounding_is_pytorchs(dtype):
     """float32 -> half/bfloat16 stores round to nearest even exactly like PyTorch (Triton's
@@ -230,6 +234,7 @@ def test_one_step(dtype):
             dtype)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_non_contiguous_input_and_incoming_gradients(dtype):
     tb.BLOCK = 32
@@ -245,6 +250,7 @@ def test_non_contiguous_input_and_incoming_gradients(dtype):
     compare(x, v, make_surrogate('tsg', 1.0, 6), kwargs, upstream, dtype)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_h_exactly_on_a_level(dtype):
     """Dyadic inputs put h exactly on levels: H(0) = 1 on both sides (docs/method.md, section 1)."""
@@ -298,6 +304,7 @@ def test_no_fma_contraction():
         assert s.item() == 0.0 and torch.equal(h, h_r), (v0, x, theta, h.item())
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_multi_step_equals_single_steps(dtype):
     tb.BLOCK = 32
@@ -407,6 +414,7 @@ def _op_args(T=3, N=5, kind=1, dtype=torch.float32, return_h=True, return_v=True
     return (x, v0, alpha, kind, 0.25, 1.0, 1.0, -0.8, 2, 1, False, True, return_h, return_v)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('kind', [0, 1])
 def test_opcheck(dtype, kind):
@@ -455,6 +463,7 @@ def test_torch_compile_fullgraph():
     assert torch.equal(gp, node.surrogate_function.p.grad)
 
 
+@pytest.mark.one_pass  # kernel vs reference: independent of the SpikingJelly line
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_keeps_channels_last_layout(dtype):
     """A channels_last [T, B, C, H, W] input: every output with the input's strides (no copy to
