@@ -1653,7 +1653,7 @@ def main(argv=None) -> int:
     single_step = run_single_step(cfg) if cfg.single_step != 'no' else None
     meta['load_average_end'] = common.load_average()
     payload = dict(
-        benchmark='neuron', tag=tag, command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        benchmark='neuron', tag=tag, command=common.command_line(),
         meta=meta,
         config=dict(device=str(device), dtypes=[dtype_str(d) for d in cfg.dtypes], T=cfg.Ts, N=cfg.Ns,
                     modes=cfg.modes, warmup=cfg.warmup, min_repeats=cfg.min_repeats,

@@ -891,7 +891,7 @@ def main(argv=None) -> int:
              f'{meta["load_average_end"]} at end, {common.cpu_count()} cores shared with other '
              f'processes): times are noisy; ratios within one run are the reliable part')
     payload = dict(benchmark='protocol', tag=tag,
-                   command=' '.join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+                   command=common.command_line(argv or sys.argv[1:]),
                    environment=meta,
                    config=dict(ns=cfg.ns, T=cfg.T, batch=cfg.batch, long_Ts=cfg.long_Ts,
                                long_n=cfg.long_n, long_n_reference=cfg.long_n_reference,

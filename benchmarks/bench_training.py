@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     meta['load_average_end'] = common.load_average()
     payload = dict(
         benchmark='training', tag=tag,
-        command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), meta=meta,
+        command=common.command_line(), meta=meta,
         config=dict(device=str(device), networks=args.networks, T=T, B=B, scale=scale,
                     warmup=args.warmup, min_repeats=args.min_repeats, budget_s=args.budget_s,
                     compiled=args.compiled,

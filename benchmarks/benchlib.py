@@ -27,6 +27,25 @@ if REPO_ROOT not in sys.path:  # run from a checkout without installing spikingj
 # ---------------------------------------------------------------------------------------------
 # environment
 # ---------------------------------------------------------------------------------------------
+def portable_path(path: str) -> str:
+    """``path`` as it may stand in a committed result: relative to the repository root when it is
+    inside it, else relative to the Python prefix (``<prefix>/lib/...``); never this machine's
+    absolute path."""
+    path = os.path.abspath(path)
+    for root, label in ((REPO_ROOT, None), (sys.prefix, '<prefix>'), (os.path.expanduser('~'), '~')):
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            rel = os.path.relpath(path, root)
+            return rel if label is None else label + '/' + rel
+    return os.path.basename(path)
+
+
+def command_line(argv=None) -> str:
+    """The script's name and its arguments, absolute paths made portable (:func:`portable_path`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return ' '.join([os.path.basename(sys.argv[0])]
+                    + [portable_path(a) if os.path.isabs(a) else a for a in args])
+
+
 def git_commit() -> str:
     """``<sha>`` of the checkout, with ``+dirty`` when tracked files differ, or ``'unknown'``."""
     try:
@@ -87,7 +106,7 @@ def environment(device: torch.device) -> dict:
         'torch': torch.__version__,
         'numpy': numpy.__version__,
         'spikingjelly': spikingjelly_cf.SPIKINGJELLY_VERSION,
-        'spikingjelly_path': os.path.dirname(spikingjelly.__file__),
+        'spikingjelly_path': portable_path(os.path.dirname(spikingjelly.__file__)),
         'spikingjelly_cf': getattr(spikingjelly_cf, '__version__', 'unknown'),
         'device': str(device),
         'device_label': device_label(device),
