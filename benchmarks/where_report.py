@@ -19,6 +19,8 @@ from typing import Dict, List
 
 import numpy as np
 
+#: Table order of the variants (``accuracy_study.WHERE_VARIANTS``).
+VARIANT_ORDER = ('LIF soft', 'ST', 'DT', 'SCF', 'CF', 'CF+TSG', 'CF+TSG+PNB')
 #: ``(label, a, b, what it isolates)``: a component's effect is ``acc(a) - acc(b)`` per seed.
 COMPARISONS = (
     ('negative levels', 'CF', 'SCF', 'K_N = 2 negative levels added to SCF (2/0 -> 2/2)'),
@@ -48,6 +50,7 @@ def settings_and_variants(results: dict) -> tuple:
             notes[c['setting']] = (c.get('group'), c.get('note', ''))
         if c['variant'] not in variants:
             variants.append(c['variant'])
+    variants.sort(key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
     return settings, variants, notes
 
 

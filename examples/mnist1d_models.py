@@ -39,6 +39,8 @@ from spikingjelly.activation_based import functional, layer
 NUM_CLASSES = 10
 SEQUENCE_LENGTH = 40
 RESIDUAL_KINDS = ('spiking', 'sew', 'ms')
+#: Positions the residual networks' read-out keeps (as the plain network's: 40 / 2^3).
+READOUT_POSITIONS = 5
 
 
 def _neuron(spiking_neuron, kwargs: dict, **override) -> nn.Module:
@@ -122,9 +124,10 @@ class SpikingResNet1d(nn.Module):
 
     ``Conv1d(1, w, 5) - BN (- SN)``, then ``ceil(depth / 2)`` blocks at length 40 and
     ``floor(depth / 2)`` at length 20 (the first of them with stride 2), all ``w`` channels,
-    then (MS-ResNet: a neuron on the membrane stream) the mean over the length and
-    ``Linear(w, classes)``. ``depth = 8`` gives 17 spiking layers (ResNet-18 has 17
-    convolutions), ``depth = 2`` gives 5.
+    then (MS-ResNet: a neuron on the membrane stream) the read-out of the plain network:
+    averaged down to 5 positions, flattened, ``Linear(5 w, classes)`` (a global average would
+    drop where along the sequence a feature sits, which MNIST-1D's classes depend on).
+    ``depth = 8`` gives 17 spiking layers (ResNet-18 has 17 convolutions), ``depth = 2`` gives 5.
 
     Parameters
     ----------
@@ -160,12 +163,13 @@ class SpikingResNet1d(nn.Module):
             ResidualBlock1d(kind, width, width, 2 if i == first else 1, spiking_neuron, input_is_sum=i > 0, **kwargs)
             for i in range(depth)])
         self.head_neuron = _neuron(spiking_neuron, kwargs) if kind == 'ms' else nn.Identity()
-        self.classifier = layer.Linear(width, num_classes)
+        self.pool = layer.AdaptiveAvgPool1d(READOUT_POSITIONS)
+        self.classifier = nn.Sequential(layer.Flatten(), layer.Linear(READOUT_POSITIONS * width, num_classes))
         functional.set_step_mode(self, 'm')
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         x = self.head_neuron(self.blocks(self.stem(x_seq)))
-        return self.classifier(x.mean(-1))
+        return self.classifier(self.pool(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +475,8 @@ class ResidualPotentials:
                 self.neurons[key] = (where, getattr(m, attr))
                 self.inputs[key] = []
                 self.handles.append(getattr(m, attr).register_forward_pre_hook(self._hook(key)))
-        if not self.neurons:
+        if not any(where == 'after' for where, _ in self.neurons.values()):
+            self.remove()
             raise ValueError('the network has no residual block with a neuron before and after a residual sum')
 
     def _hook(self, key):
