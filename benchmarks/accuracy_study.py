@@ -1,4 +1,4 @@
-r"""Does CF beat LIF? Variants x seeds on MNIST-1D with the same budget, table and plot.
+r"""Does CF beat LIF, and where? Variants x seeds with the same budget, tables and plots.
 
 Each cell of a grid is one setting of ``examples/mnist1d.py`` (neuron, variant, K, surrogate,
 PNB, pooling, T); every cell runs for the same seeds with the same recipe (the example's
@@ -26,6 +26,16 @@ Grids (``--grid``)
   every variant and SpikingJelly's default LIF surrogate (Sigmoid), 3 seeds: 105 runs, 62 min of
   CPU time, about 35 min with ``--jobs 2`` on an idle 2-core CPU (measured: the 73 runs beyond
   ``core`` took 25.7 min). The committed ``benchmarks/results/2026-11-30_cpu-2core/`` table.
+- ``where``: where does CF pay off? The seven variants LIF soft, ST, DT, SCF, CF, CF+TSG,
+  CF+TSG+PNB at equal budget in ten settings (:data:`WHERE_SETTINGS`: plain, spiking / SEW / MS
+  ResNets, Spikformer, sequential and time-reversed MNIST-1D with a recurrent SNN, the synthetic
+  gestures of ``examples/dvs_gesture.py``), 3 seeds: 210 runs. Its parts run on their own and add
+  up in the same files: ``where-plain``, ``where-residual``, ``where-transformer``,
+  ``where-temporal``; ``where-probe``: the deep spiking ResNet with a Sigmoid surrogate (why it
+  separates the variants); ``where-smoke``: the smallest configuration of each (CI). Writes
+  ``where_cf_pays.*`` (tables and figures: ``benchmarks/where_report.py``); seed 0 of the marked
+  residual cells measures the potentials before and after each residual sum
+  (``where_cf_pays_potentials.*``). Time: see ``docs/accuracy_study.md``.
 
 Examples
 --------
@@ -33,6 +43,8 @@ Examples
 
     python benchmarks/accuracy_study.py --jobs 2                 # the committed table (105 runs)
     python benchmarks/accuracy_study.py --grid core --jobs 2     # its first 10 rows (30 runs)
+    python benchmarks/accuracy_study.py --grid where --jobs 2     # the settings study (210 runs)
+    python benchmarks/accuracy_study.py --grid where-residual --jobs 2   # one part of it
     python benchmarks/accuracy_study.py --grid smoke --out-dir /tmp/study
     python benchmarks/accuracy_study.py --list                   # the cells of each grid
 """
@@ -181,6 +193,20 @@ def where_cells(settings=None) -> list:
 WHERE_PARTS = ('plain', 'residual', 'transformer', 'temporal')
 
 
+def _where_probe_cells() -> list:
+    """Why the deep spiking ResNet separates the variants: the same network with SpikingJelly's
+    Sigmoid surrogate (alpha 4, non-zero everywhere) instead of the rectangle, for LIF soft and CF.
+    If LIF trains there with it, the rectangle's gradient (zero outside a window around each level,
+    multiplied over the 8 neurons on the residual path) is what held LIF back, not the forward pass."""
+    st = next(s for s in WHERE_SETTINGS if s['name'] == 'spiking-resnet d8')
+    sigmoid = ['--surrogate', 'sigmoid', '--pnb', '0']
+    return [_cell(f"{st['name']}: {name}", st['argv'] + argv + sigmoid,
+                  note="probe: SpikingJelly's Sigmoid surrogate (alpha 4) instead of the rectangle", group='probe',
+                  setting=st['name'], variant=name)
+            for name, argv in (('LIF soft+sigmoid', ['--neuron', 'lif', '--lif-reset', 'soft']),
+                               ('CF+sigmoid', ['--variant', 'CF', '--K', '2']))]
+
+
 def _where_smoke_cells() -> list:
     """The smallest configuration of every architecture and temporal task: one epoch on 256
     sequences at width 4 (CF + TSG + PNB: every code path), the tiny gesture setting, and LIF on
@@ -215,6 +241,7 @@ GRIDS = {
     'full': (_full_cells(), [0, 1, 2], []),
     'where-smoke': (_where_smoke_cells(), [0], []),
     'where': (where_cells(), [0, 1, 2], []),
+    'where-probe': (_where_probe_cells(), [0, 1, 2], []),
 }
 for _part in WHERE_PARTS:
     GRIDS[f'where-{_part}'] = (where_cells([s for s in WHERE_SETTINGS if s['part'] == _part]), [0, 1, 2], [])
@@ -461,7 +488,7 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
     if stem == 'where_cf_pays':     # the parts add up: keep the cells of earlier parts, in study order
         merged = {c['name']: c for c in results.get('cells', [])}
         merged.update({c['name']: c for c in new_cells})
-        order = [c['name'] for c in GRIDS['where'][0]]
+        order = [c['name'] for c in GRIDS['where'][0] + GRIDS['where-probe'][0]]
         new_cells = sorted(merged.values(), key=lambda c: order.index(c['name']) if c['name'] in order else 10 ** 6)
         grids = list(results.get('grids', []))
         results['grids'] = grids + ([grid] if grid not in grids else [])

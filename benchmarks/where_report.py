@@ -149,6 +149,8 @@ def markdown(results: dict) -> str:
              f"interpreter start-up included).", '']
     if versions:
         lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.", '']
+    probes = [v for v in variants if v not in VARIANT_ORDER]
+    variants = [v for v in variants if v in VARIANT_ORDER]
     lines += ['## Accuracy', '', '| setting | ' + ' | '.join(variants) + ' |',
               '|---|' + '---|' * len(variants)]
     for s in settings:
@@ -164,6 +166,19 @@ def markdown(results: dict) -> str:
             cells.append(f'**{txt}**' if r['mean'] == best else txt)
         lines.append(f'| {s} | ' + ' | '.join(cells) + ' |')
     lines += ['', 'Settings:', ''] + [f'- **{s}** ({notes[s][0]}): {notes[s][1]}' for s in settings]
+    probe_rows = [(s, v) for s in settings for v in probes if v in table[s]]
+    if probe_rows:
+        lines += ['', '## Probes', '', 'Cells beyond the seven variants (same setting and budget), with the '
+                  'paired difference to the setting\'s LIF soft and CF cells.', '',
+                  '| setting | cell | test acc (%) | per seed | train acc (%) | − LIF soft | − CF |',
+                  '|---|---|---|---|---|---|---|']
+        for s, v in probe_rows:
+            r = table[s][v]
+            d_lif = _fmt_delta(paired_difference(r, table[s]['LIF soft'])) if 'LIF soft' in table[s] else ''
+            d_cf = _fmt_delta(paired_difference(r, table[s]['CF'])) if 'CF' in table[s] else ''
+            lines.append(f"| {s} | {v} | {r['mean']:.1f} ± {r['std']:.1f} | "
+                         f"{' / '.join(f'{a:.1f}' for a in r['seeds'].values())} | {r['train_acc']:.1f} | "
+                         f'{d_lif} | {d_cf} |')
     lines += ['', '## What each component buys', '',
               'Paired over seeds (same seed: same initial weights and data order): mean difference in '
               'accuracy points ± sample std of the per-seed differences; ** = resolved by a paired t-test '
@@ -190,7 +205,7 @@ def markdown(results: dict) -> str:
               '| setting | variant | per seed (%) | train acc (%) | spikes/neuron/step | parameters | wall s/run | '
               'CPU s/run |', '|---|---|---|---|---|---|---|---|']
     for s in settings:
-        for v in variants:
+        for v in variants + probes:
             r = table[s].get(v)
             if r is None:
                 continue
@@ -263,7 +278,7 @@ def plot(results: dict, path: str) -> None:
     grid = fig.add_gridspec(rows + 1, cols, height_ratios=[2.9] * rows + [0.42 * len(settings) + 1.2])
     for i, s in enumerate(settings):
         ax = fig.add_subplot(grid[i // cols, i % cols])
-        _bars(ax, table[s], variants, f'{s} ({notes[s][0]})')
+        _bars(ax, table[s], [v for v in variants if v in table[s]], f'{s} ({notes[s][0]})')
         if i % cols == 0:
             ax.set_ylabel('test accuracy (%)', fontsize=8)
     ax = fig.add_subplot(grid[rows, :])
@@ -427,7 +442,7 @@ def plot_potentials(results: dict, path: str) -> None:
         ax = axes[i, 3]
         setting = known[r['cell']].get('setting')
         if setting in table:
-            _bars(ax, table[setting], variants, f'{setting}: accuracy')
+            _bars(ax, table[setting], [v for v in variants if v in table[setting]], f'{setting}: accuracy')
         else:
             ax.axis('off')
         for a in axes[i]:

@@ -341,6 +341,12 @@ def test_where_grids_hold_every_setting_and_variant_at_equal_budget():
     parts = [c['name'] for p in study.WHERE_PARTS for c in study.GRIDS[f'where-{p}'][0]]
     assert sorted(parts) == sorted(names)
     assert all(study.GRID_STEM[g] == 'where_cf_pays' for g in study.GRIDS if g.startswith('where'))
+    # the probes: the deep spiking ResNet's arguments, only the surrogate (and neuron) changed
+    deep = next(s for s in study.WHERE_SETTINGS if s['name'] == 'spiking-resnet d8')
+    for c in study.GRIDS['where-probe'][0]:
+        a = example.parse_args(c['argv'])
+        assert c['argv'][:len(deep['argv'])] == deep['argv'] and a.surrogate == 'sigmoid' and a.pnb == 0
+        assert c['setting'] == deep['name'] and c['name'] not in names
     assert study.GRID_STEM['full'] == 'accuracy_study'
 
 
