@@ -474,3 +474,25 @@ def test_where_smoke_grid_gestures(tmp_path):
     _check_schema(stored, names)
     assert stored['runs'][0]['example'] == 'dvs_gesture'
     assert stored['runs'][0]['cpu_seconds'] > 1        # the child process's own CPU time (--jobs 2)
+
+
+COMMITTED = os.path.join(ROOT, 'benchmarks', 'results', '2026-12-03_cpu-2core')
+
+
+def test_committed_tables_come_from_the_committed_runs_of_the_current_grid():
+    """The committed where_cf_pays tables are what the report makes of the committed JSON, and
+    every stored run is a cell of today's grid with today's arguments, all three seeds: so the
+    documented command (--grid where) reruns exactly what the tables show."""
+    with open(os.path.join(COMMITTED, 'where_cf_pays.json')) as f:
+        results = json.load(f)
+    with open(os.path.join(COMMITTED, 'where_cf_pays.md')) as f:
+        assert report.markdown(results) == f.read()
+    with open(os.path.join(COMMITTED, 'where_cf_pays_potentials.md')) as f:
+        assert report.potentials_markdown(results) == f.read()
+    cells = {c['name']: c for c in study.GRIDS['where'][0] + study.GRIDS['where-probe'][0]}
+    have = {(r['cell'], r['seed']) for r in results['runs']}
+    assert {(name, s) for name in cells for s in (0, 1, 2)} == have
+    for r in results['runs']:
+        assert r['argv'] == cells[r['cell']]['argv'], r['cell']
+        assert ('--potentials' in r['run_argv']) == (cells[r['cell']]['measure'] and r['seed'] == 0)
+        assert not any(a.startswith('/') for a in r['run_argv']), r['run_argv']   # no machine paths
