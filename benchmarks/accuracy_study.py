@@ -320,6 +320,8 @@ def _record(cell, seed, argv, summary, seconds, cpu_seconds=None, resumed=False)
         rec['where'] = {'setting': cell['setting'], 'variant': cell['variant'], 'part': cell['group']}
     if resumed:
         rec['resumed'] = True   # continued from a checkpoint: seconds and CPU time cover the rest only
+    if summary.get('recovered'):
+        rec['recovered'] = True  # finished after its study had stopped; times from its own summary
     if 'diagnostics' in summary:
         rec['diagnostics'] = summary['diagnostics']
     if 'residual_potentials' in summary:
@@ -357,6 +359,24 @@ def _run_subprocess(argv, log_path, script=EXAMPLE):
     out_dir = argv[argv.index('--out-dir') + 1]
     with open(os.path.join(out_dir, 'summary.json')) as f:
         return json.load(f), usage.ru_utime + usage.ru_stime
+
+
+def _finished_summary(argv: list):
+    """The summary of a run that finished with exactly these (absolute) arguments after its study
+    had stopped (a study ended while its runs went on), else ``None``. Its wall and CPU time are
+    the run's own (``seconds_total``, ``cpu_seconds_process``: the example's process, all threads)."""
+    out = argv[argv.index('--out-dir') + 1]
+    marker, path = os.path.join(out, 'study_run_argv.json'), os.path.join(out, 'summary.json')
+    if not (os.path.isfile(marker) and os.path.isfile(path)):
+        return None
+    with open(marker) as f:
+        if json.load(f) != argv:
+            return None
+    with open(path) as f:
+        summary = json.load(f)
+    if summary.get('test_acc') is None or len(summary.get('history') or []) != summary.get('epochs'):
+        return None
+    return dict(summary, recovered=True)
 
 
 def _resume_or_start(argv: list) -> tuple:
@@ -422,7 +442,7 @@ def default_out_dir() -> str:
 
 def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None, cells=None,
               runs_dir: str = None, data_dir: str = None, progress: bool = True, epochs: int = None,
-              gesture_root: str = None) -> dict:
+              gesture_root: str = None, settings=None) -> dict:
     """Run (or resume) a grid; write JSON, Markdown and figures; return the results dict.
 
     Parameters
@@ -436,6 +456,8 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
         torch thread each).
     seeds, cells : list, optional
         Override the grid's seeds, or keep only the cells with these names.
+    settings : list, optional
+        Keep only the cells of these settings (``where*`` grids, e.g. ``['spiking-resnet d8']``).
     epochs : int, optional
         Override the example's epochs (a different budget: recorded in the JSON).
     data_dir, gesture_root : str, optional
@@ -458,6 +480,12 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
         if unknown:
             raise ValueError(f'cells {unknown} are not in grid {grid!r}; its cells: {known}')
         grid_cells = [c for c in grid_cells if c['name'] in cells]
+    if settings is not None:
+        known = list(dict.fromkeys(c.get('setting') for c in grid_cells if c.get('setting') is not None))
+        unknown = [s for s in settings if s not in known]
+        if unknown:
+            raise ValueError(f'settings {unknown} are not in grid {grid!r}; its settings: {known}')
+        grid_cells = [c for c in grid_cells if c.get('setting') in settings]
     extra = list(extra) + (['--epochs', str(epochs)] if epochs is not None else [])
     stem = GRID_STEM[grid]
     out_dir = out_dir or default_out_dir()
@@ -526,6 +554,11 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
 
     if todo:
         prepare_data([(c, s, _absolute(argv)) for c, s, argv in todo])
+    for c, s, argv in list(todo):
+        summary = _finished_summary(_absolute(argv))
+        if summary is not None:
+            todo.remove((c, s, argv))
+            finish(c, s, argv, summary, summary['seconds_total'], summary.get('cpu_seconds_process'))
     if jobs == 1:
         for c, s, argv in todo:
             t0, c0 = time.time(), time.process_time()
@@ -543,8 +576,8 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
                 finish(c, s, argv, summary, seconds, cpu, resumed)
     if bar is not None:
         bar.close()
-    results['runs'].sort(key=lambda r: ([c['name'] for c in grid_cells].index(r['cell'])
-                                        if r['cell'] in [c['name'] for c in grid_cells] else 10 ** 6, r['seed']))
+    order = [c['name'] for c in results['cells']]
+    results['runs'].sort(key=lambda r: (order.index(r['cell']) if r['cell'] in order else 10 ** 6, r['seed']))
     results['machine'] = machine_info()
     _write_json(results, path)
     if stem == 'where_cf_pays':
@@ -767,6 +800,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time (>1: subprocesses, 1 thread each)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help="override the grid's seeds")
     parser.add_argument('--cells', nargs='+', default=None, help='only these cells of the grid')
+    parser.add_argument('--settings', nargs='+', default=None,
+                        help="only the cells of these settings (where* grids), e.g. 'spiking-resnet d8'")
     parser.add_argument('--epochs', type=int, default=None, help="override the example's epochs")
     parser.add_argument('--report-only', action='store_true', help='rewrite table and figures from the JSON')
     parser.add_argument('--list', action='store_true', help='print the cells of every grid and exit')
@@ -798,7 +833,8 @@ def main(argv=None) -> dict:
         return results
     try:
         return run_study(args.grid, args.out_dir, args.jobs, args.seeds, args.cells, args.runs_dir, args.data_dir,
-                         progress=not args.no_progress, epochs=args.epochs, gesture_root=args.gesture_root)
+                         progress=not args.no_progress, epochs=args.epochs, gesture_root=args.gesture_root,
+                         settings=args.settings)
     except ValueError as e:
         raise SystemExit(str(e)) from e
 

@@ -459,6 +459,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert resumed and again == argv + ['--resume']
     other, resumed = study._resume_or_start(['--seed', '1', '--out-dir', str(tmp_path / 'run')])
     assert not resumed and not os.path.exists(tmp_path / 'run' / 'checkpoints')   # stale run removed
+    # a run that finished after its study had stopped is taken as it is
+    summary = {'test_acc': 0.5, 'epochs': 2, 'history': [{}, {}], 'seconds_total': 3., 'cpu_seconds_process': 2.}
+    with open(tmp_path / 'run' / 'summary.json', 'w') as f:
+        json.dump(summary, f)
+    assert study._finished_summary(['--seed', '1', '--out-dir', str(tmp_path / 'run')])['recovered'] is True
+    assert study._finished_summary(argv) is None                       # other arguments
+    with open(tmp_path / 'run' / 'summary.json', 'w') as f:
+        json.dump(dict(summary, history=[{}]), f)                      # stopped after epoch 1
+    assert study._finished_summary(['--seed', '1', '--out-dir', str(tmp_path / 'run')]) is None
 
 
 @pytest.mark.one_pass  # writes and integrates the synthetic gesture set first (~20 s)
