@@ -7,6 +7,13 @@ every module, so skip that one when Triton is not installed.
 """
 import importlib.util
 
-collect_ignore = []
+collect_ignore = [
+    # docs/: the pages' code runs as doctests (--doctest-glob=*.md in setup.cfg); the build
+    # scripts and the build's output are not tests. (A docs/conftest.py would be collected by
+    # --doctest-modules as a second module named "conftest" beside tests/conftest.py.)
+    'docs/conf.py', 'docs/make_figures.py',
+]
+collect_ignore_glob = ['docs/_build/*', 'docs/_generated/*', 'docs/_templates/*',
+                       'docs/_changelog_fragments/*']
 if importlib.util.find_spec('triton') is None:
     collect_ignore.append('spikingjelly_cf/backends/triton_kernels.py')

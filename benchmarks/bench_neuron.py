@@ -22,6 +22,13 @@ upstream gradient) of one multi-step neuron layer on ``x_seq`` of shape ``[T, N]
 * on the CPU, the compiled ``cpp`` kernel called directly (ctypes) into buffers allocated once
   (``CFNode[cpp] kernel only``): the kernel's own speed without allocation or autograd.
 
+On the CPU a single-step (streaming) section follows (``--single-step``, on by default;
+``only`` skips the multi-step sweep): ``CFNode`` (default backend) and SpikingJelly's
+``LIFNode`` with CF's tau and soft reset in ``step_mode='s'``, eager and compiled by
+``torch.compile``, driven one call per step for T=500 steps on a small (16 x 512) and a large
+(64 x 1024) layer, inference and training (BPTT over the sequence), with one torch thread;
+per-step medians of sequences timed alternately, ratios from the same rounds.
+
 Before timing, every CF backend (and the FlexSN CF neuron) is checked against the pure-PyTorch
 reference: spikes, last potential and input gradient. The results go to
 ``<out>/<YYYY-MM-DD>_<device>/neuron_<tag>.{json,md,png}``.
@@ -30,6 +37,7 @@ One run uses one installed SpikingJelly (chosen by ``PYTHONPATH``); run it once 
 merge with ``benchmarks/combine.py``. ``--quick`` runs a small sweep in well under a minute.
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -46,13 +54,21 @@ import torch  # noqa: E402
 
 MODES = ('inference', 'training')
 
-#: Targets of issue 6, evaluated on what this run measured.
+#: Speed targets (CF against LIF and against the copy limit), evaluated on what this run measured.
 CPU_SPEEDUP_TARGET = 3.0        # CF default vs LIF, T=8, N=2^20, float32, training and inference
 CPU_COPY_TARGET = 1.5           # CF default training time / copy time of the same bytes
-COMPILED_LIF_TARGET = 1.0       # issue 9: CF default training time / compiled LIFNode's
-INDUCTOR_TARGET = 1.1           # issue 9: CF default training time / CFNode[inductor]'s
+COMPILED_LIF_TARGET = 1.0       # CF default training time / compiled LIFNode's
+INDUCTOR_TARGET = 1.1           # CF default training time / CFNode[inductor]'s
 GPU_BANDWIDTH_TARGET = 0.70     # fraction of the copy bandwidth, CF CuPy training
 TARGET_T, CPU_TARGET_N, GPU_TARGET_MIN_N = 8, 2 ** 20, 2 ** 22
+#: Layers of the single-step case, name -> (batch, neurons per sample): a small layer where the
+#: per-call overhead dominates and a large one where the arithmetic does.
+SINGLE_STEP_LAYERS = {'small': (16, 512), 'large': (64, 1024)}
+SINGLE_STEP_T = 500
+#: CF default per-step time / LIFNode's (eager, and compiled against compiled), both modes.
+SINGLE_STEP_TARGET = 1.0
+#: torch._dynamo.config.recompile_limit during the single-step section (see run_single_step)
+SINGLE_STEP_RECOMPILE_LIMIT = 64
 
 NOTES: List[str] = []
 
@@ -156,8 +172,11 @@ def kernel_only_call(mode: str, x: torch.Tensor, grad_out: Optional[torch.Tensor
     training = mode == 'training'
     h = torch.zeros_like(xc) if training else None
     threads = torch.get_num_threads()
+    f32 = cpp.DTYPES[torch.float32]
+    # cf_cpu_forward(x, v0, s, h, v_seq, v_last, codes, offsets, dtype, T, N, ...): no lean form
     fwd = (xc.data_ptr(), v0.data_ptr(), s.data_ptr(), None if h is None else h.data_ptr(), None,
-           v_last.data_ptr(), T, N, c.k, c.c, c.theta_p, c.theta_n, c.k_pos, c.k_neg, threads)
+           v_last.data_ptr(), None, None, f32, T, N, c.k, c.c, c.theta_p, c.theta_n, c.k_pos,
+           c.k_neg, threads)
     # the ctypes argument tuples hold raw pointers only: the closures keep the tensors alive
     keep = [xc, v0, s, v_last, h, c.alpha]
     if not training:
@@ -169,9 +188,9 @@ def kernel_only_call(mode: str, x: torch.Tensor, grad_out: Optional[torch.Tensor
     gs = grad_out.detach().to(torch.float32).contiguous()
     grad_x, grad_v0 = torch.zeros_like(xc), torch.zeros_like(v0)
     # CFNode's training call: only s is used, so grad_h, grad_v_seq, grad_v_last are NULL
-    bwd = (KIND_CODES[c.kind], h.data_ptr(), gs.data_ptr(), None, None, None, c.alpha.data_ptr(),
-           grad_x.data_ptr(), grad_v0.data_ptr(), None, T, N, c.k, c.c, c.theta_p, c.theta_n,
-           c.k_pos, c.k_neg, int(c.detach_reset), threads)
+    bwd = (KIND_CODES[c.kind], h.data_ptr(), None, None, f32, gs.data_ptr(), None, None, None,
+           c.alpha.data_ptr(), grad_x.data_ptr(), grad_v0.data_ptr(), None, T, N, c.k, c.c,
+           c.theta_p, c.theta_n, c.k_pos, c.k_neg, int(c.detach_reset), threads)
 
     keep += [gs, grad_x, grad_v0]
 
@@ -537,6 +556,11 @@ class Config:
     quick: bool
     only: Optional[List[str]]
     compiled: bool = True
+    single_step: str = 'no'          # 'yes', 'no' or 'only' (skip the multi-step sweep)
+    single_step_layers: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    single_step_T: int = SINGLE_STEP_T
+    single_step_threads: int = 1
+    single_step_budget_s: float = 20.0
 
 
 def is_target_case(cfg: Config, dtype, T, N) -> bool:
@@ -723,7 +747,7 @@ def time_case(cfg, cands, modules, mode, dtype, T, N, last, skipped) -> List[dic
 
 
 def head_to_head(cfg, cands, modules, rows, mode, dtype, x, grad_out, label) -> None:
-    """CF default and the compiled LIFNode timed alternately, call by call (issue 9's ratio).
+    """CF default and the compiled LIFNode timed alternately, call by call (the compiled-LIF ratio).
 
     On the CPU a [T=8, N=2^20] step is dominated by first-touching freshly allocated outputs,
     and whether glibc hands out fresh pages drifts with the allocator's state: two sequential
@@ -761,6 +785,303 @@ def head_to_head(cfg, cands, modules, rows, mode, dtype, x, grad_out, label) -> 
     cf_row['interleaved_vs_compiled_lif'] = result
     print(f'{label:<34} {"interleaved: " + cf.name + " / " + lif.name:<36} {result["ratio"]:.3g} '
           f'({common.fmt_time(med[0])} vs {common.fmt_time(med[1])}, {rounds} rounds)', flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# single-step (streaming) mode: one call per time step
+# ---------------------------------------------------------------------------------------------
+SINGLE_STEP_LIF = ('LIFNode(step_mode="s", tau=4/3, decay_input=False, v_reset=None): CF\'s '
+                   'default tau and soft reset')
+SINGLE_STEP_MODES = {
+    'inference': 'module.eval() under torch.no_grad(), T calls, then reset',
+    'training': ('module.train(), T calls on leaf inputs x_t (requires_grad), then one '
+                 'torch.autograd.grad(outputs, inputs, fixed upstream gradients) over the '
+                 'whole sequence (BPTT), then reset'),
+}
+
+
+def single_step_candidates(compiled: bool) -> List[Candidate]:
+    """CFNode (default backend) and SpikingJelly's LIFNode in ``step_mode='s'``, eager and, with
+    ``compiled``, as modules compiled by ``torch.compile`` (Inductor, default options)."""
+    sj_neuron, _, _compat = sj_imports()
+    from spikingjelly_cf import CFNode
+    version = _compat.SPIKINGJELLY_VERSION
+    lif_kw = dict(step_mode='s', tau=4 / 3, decay_input=False, v_reset=None)
+    if _compat.CLASSIC:
+        lif_kw['backend'] = 'torch'
+
+    def cf():
+        return CFNode(step_mode='s')
+
+    def lif():
+        return sj_neuron.LIFNode(**lif_kw)
+
+    out = [Candidate('CFNode[auto]', 'CF', 'auto', factory=cf, default=True),
+           Candidate(f'LIFNode (SJ {version})', 'LIF', lif_kw.get('backend', 'default'),
+                     factory=lif, implementation=SINGLE_STEP_LIF)]
+    if compiled:
+        out += [Candidate('CFNode[auto] compiled', 'CF-compiled', 'auto',
+                          factory=lambda: torch.compile(cf()),
+                          implementation='torch.compile(CFNode(step_mode="s")), Inductor'),
+                Candidate(f'LIFNode compiled (SJ {version})', 'LIF-compiled',
+                          lif_kw.get('backend', 'default'), factory=lambda: torch.compile(lif()),
+                          implementation='torch.compile(' + SINGLE_STEP_LIF.split(':')[0]
+                                         + '), Inductor')]
+    return out
+
+
+def single_step_inputs(T: int, B: int, N: int, device, dtype, training: bool):
+    """``T`` per-step inputs ``[B, N]`` (leaf tensors requiring grad for training) and, for
+    training, fixed upstream gradients of the outputs."""
+    x = make_input(T, B * N, device, dtype, seed=5).view(T, B, N)
+    xs = [x[t].clone().requires_grad_(training) for t in range(T)]
+    grads = None
+    if training:
+        g = make_input(T, B * N, device, dtype, seed=6).view(T, B, N) / 1.5
+        grads = [g[t].clone() for t in range(T)]
+    return xs, grads
+
+
+def single_step_sequence(module, mode: str, xs, grads) -> Callable[[], object]:
+    """One sequence driven one call per step (``SINGLE_STEP_MODES[mode]``)."""
+    if mode == 'inference':
+        module.eval()
+
+        def run():
+            with torch.no_grad():
+                for x in xs:
+                    out = module(x)
+            module.reset()
+            return out
+        return run
+    module.train()
+
+    def run():
+        outs = [module(x) for x in xs]
+        g = torch.autograd.grad(outs, xs, grads)
+        module.reset()
+        return g
+    return run
+
+
+def check_single_step(cand: Candidate, B: int, N: int, T: int, device, dtype) -> dict:
+    """CF driven step by step against the multi-step reference: spikes, last potential, input
+    gradients (one shared upstream gradient)."""
+    from spikingjelly_cf.functional.neuron import cf_multi_step_ref
+    xs, grads = single_step_inputs(T, B, N, device, dtype, training=True)
+    module = cand.factory().to(device)
+    module.train()
+    outs = [module(x) for x in xs]
+    inner = getattr(module, '_orig_mod', module)
+    v = inner.v.detach()
+    g = torch.autograd.grad(outs, xs, grads)
+    module.reset()
+    xr = torch.stack([x.detach() for x in xs]).float().requires_grad_(True)
+    s_ref, v_ref, _, _ = cf_multi_step_ref(xr, torch.zeros_like(xr[0]))
+    g_ref, = torch.autograd.grad(s_ref, xr, torch.stack(grads).float())
+    s = torch.stack([o.detach() for o in outs]).float()
+    mismatch = (s != s_ref.detach()).float().mean().item()
+    v_err = (v.float() - v_ref.detach()).abs().max().item()
+    g_err = ((torch.stack(g).float() - g_ref).abs().max() / (g_ref.abs().max() or 1.0)).item()
+    tol = TOLERANCES[dtype]
+    return dict(candidate=cand.name + ' single-step', dtype=dtype_str(dtype), T=T, N=B * N,
+                neurons_with_spike_mismatch=round(mismatch * B * N), mismatch_fraction=mismatch,
+                v_last_max_abs_err=v_err, grad_x_max_rel_err=g_err, tolerance=tol,
+                passed=bool(mismatch == 0.0 and v_err <= tol and g_err <= tol))
+
+
+def time_single_step(cfg, cands: List[Candidate], mode: str, layer: str) -> dict:
+    """Per-step time of every candidate on one layer and mode, timed alternately.
+
+    Each round runs one whole sequence of every candidate, in turn (the order reverses every
+    round), so that machine drift (other processes, allocator state) reaches all alike; the
+    per-step time is a sequence's time / T, and the ratios divide medians of the same rounds.
+    """
+    B, N = cfg.single_step_layers[layer]
+    T = cfg.single_step_T
+    device, dtype = cfg.device, torch.float32
+    xs, grads = single_step_inputs(T, B, N, device, dtype, training=mode == 'training')
+    runs, rows = [], {}
+    for c in cands:
+        row = dict(candidate=c.name, family=c.family, backend=c.backend, default=c.default,
+                   mode=mode, layer=layer, batch=B, neurons=N, T=T, dtype=dtype_str(dtype))
+        if c.implementation:
+            row['implementation'] = c.implementation
+        try:
+            module = c.factory().to(device)
+            run_seq = single_step_sequence(module, mode, xs, grads)
+            t0 = time.perf_counter()
+            run_seq()   # compiles on the first steps (compiled candidates)
+            row['first_sequence_s'] = time.perf_counter() - t0
+            for _ in range(max(cfg.warmup, 1)):
+                run_seq()
+            runs.append((c, run_seq))
+        except Exception as exc:  # noqa: BLE001 - recorded and reported, never dropped
+            msg = f'{type(exc).__name__}: {exc}'.splitlines()[0][:300]
+            row.update(status='error', reason=msg)
+            note(f'single-step {c.name} {mode} {layer}: error: {msg}')
+            traceback.print_exc()
+        rows[c.name] = row
+    times = {c.name: [] for c, _ in runs}
+    cpu = {c.name: [] for c, _ in runs}
+    load_before = common.load_average()
+    gc.collect()
+    began, rounds = time.perf_counter(), 0
+    min_rounds = cfg.min_repeats
+    while rounds < 200 and (rounds < min_rounds
+                            or time.perf_counter() - began < cfg.single_step_budget_s):
+        order = runs if rounds % 2 == 0 else runs[::-1]
+        for c, run_seq in order:
+            c0, t0 = time.thread_time(), time.perf_counter()
+            run_seq()
+            times[c.name].append((time.perf_counter() - t0) / T)
+            cpu[c.name].append((time.thread_time() - c0) / T)
+        rounds += 1
+    load_after = common.load_average()
+    for c, _ in runs:
+        ts = sorted(times[c.name])
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        rows[c.name].update(status='ok', rounds=rounds,
+                            per_step_s=dict(median=statistics.median(ts), q25=q[0], q75=q[2],
+                                            min=ts[0], repeats=len(ts)),
+                            cpu_per_step_s=statistics.median(cpu[c.name]))
+    pairs = []
+    by_family = {c.family: c.name for c, _ in runs}
+    for cf_fam, other_fam, target in (('CF', 'LIF', True), ('CF-compiled', 'LIF-compiled', False),
+                                      ('CF', 'LIF-compiled', False), ('CF-compiled', 'CF', False)):
+        a, b = by_family.get(cf_fam), by_family.get(other_fam)
+        if a is None or b is None:
+            continue
+        ratio = statistics.median(times[a]) / statistics.median(times[b])
+        per_round = statistics.median(x / y for x, y in zip(times[a], times[b]))
+        cpu_ratio = statistics.median(cpu[a]) / statistics.median(cpu[b])
+        pairs.append(dict(cf=a, other=b, ratio=ratio, ratio_per_round_median=per_round,
+                          cpu_time_ratio=cpu_ratio, target=target))
+    case = dict(mode=mode, layer=layer, batch=B, neurons=N, T=T, rounds=rounds,
+                load_average_before=load_before, load_average_after=load_after,
+                rows=list(rows.values()), ratios=pairs)
+    label = f'[single-step {mode} {layer} {B}x{N}, T={T}]'
+    for r in case['rows']:
+        if r.get('status') == 'ok':
+            ps = r['per_step_s']
+            print(f'{label:<44} {r["candidate"]:<34} {ps["median"] * 1e6:9.1f} us/step '
+                  f'(IQR {ps["q25"] * 1e6:.1f}..{ps["q75"] * 1e6:.1f}, {r["rounds"]} rounds; '
+                  f'CPU time {r["cpu_per_step_s"] * 1e6:.1f} us/step)'
+                  + (f' first sequence {r["first_sequence_s"]:.3g} s'
+                     if 'compiled' in r['family'] else ''), flush=True)
+    for p in pairs:
+        print(f'{label:<44} {p["cf"]} / {p["other"]}: {p["ratio"]:.3g} '
+              f'(per-round median {p["ratio_per_round_median"]:.3g}; CPU time '
+              f'{p["cpu_time_ratio"]:.3g})', flush=True)
+    print(f'{label:<44} load average {load_before} -> {load_after}', flush=True)
+    return case
+
+
+def run_single_step(cfg) -> dict:
+    """The single-step section: checks, then every layer and mode with ``cfg.single_step_threads``
+    torch threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.single_step_threads)
+    limit = torch._dynamo.config.recompile_limit
+    # every single-step node runs SpikingJelly's shared forward() code object, so the compiled
+    # candidates (CF and LIF, several layers and grad modes) share one Dynamo cache: the default
+    # limit of 8 entries would make the later ones fall back to eager silently
+    torch._dynamo.config.recompile_limit = max(limit, SINGLE_STEP_RECOMPILE_LIMIT)
+    torch._dynamo.utils.counters.clear()
+    try:
+        cands = single_step_candidates(cfg.compiled)
+        checks = []
+        for c in cands:
+            if not c.family.startswith('CF'):
+                continue
+            try:
+                r = check_single_step(c, 4, 64, 16, cfg.device, torch.float32)
+            except Exception as exc:  # noqa: BLE001
+                r = dict(candidate=c.name + ' single-step', dtype='float32', T=16, N=256,
+                         passed=False, error=f'{type(exc).__name__}: {exc}'.splitlines()[0])
+                traceback.print_exc()
+            checks.append(r)
+            print(f'check {r["candidate"]:<34} float32  T=16 N=256: '
+                  f'{"ok" if r["passed"] else "FAILED"}' + (f' {r["error"]}' if 'error' in r else ''),
+                  flush=True)
+        bad = {r['candidate'][:-len(' single-step')] for r in checks if not r['passed']}
+        for name in bad:
+            note(f'single-step {name}: not timed: it disagrees with the reference')
+        cases = []
+        for layer in cfg.single_step_layers:
+            for mode in cfg.modes:
+                cases.append(time_single_step(cfg, [c for c in cands if c.name not in bad],
+                                              mode, layer))
+        hits = {str(k)[:80]: v for group in torch._dynamo.utils.counters.values()
+                for k, v in group.items() if 'recompile limit' in str(k).lower()}
+        if hits:
+            note(f'single-step: Dynamo hit its recompile limit ({hits}): some compiled calls ran '
+                 f'eagerly')
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.config.recompile_limit = limit
+    return dict(threads=cfg.single_step_threads, T=cfg.single_step_T,
+                dynamo_recompile_limit=max(limit, SINGLE_STEP_RECOMPILE_LIMIT),
+                layers={k: list(v) for k, v in cfg.single_step_layers.items()},
+                modes={m: SINGLE_STEP_MODES[m] for m in cfg.modes}, lif_neuron=SINGLE_STEP_LIF,
+                budget_s=cfg.single_step_budget_s, checks=checks, cases=cases)
+
+
+def single_step_targets(section: Optional[dict]) -> List[dict]:
+    """CF default per-step time <= LIFNode's (eager against eager: the target; compiled
+    against compiled: for information), ratios of medians timed alternately in one run."""
+    out = []
+    for case in (section or {}).get('cases', []):
+        where = (f'cpu float32 single-step {case["layer"]} layer {case["batch"]}x'
+                 f'{case["neurons"]}, T={case["T"]}, {section["threads"]} thread(s), load '
+                 f'{case["load_average_before"]}')
+        for p in case['ratios']:
+            compiled_pair = p['cf'].endswith('compiled') and 'compiled' in p['other']
+            if not p['target'] and not compiled_pair:
+                continue
+            stated = p['target']
+            out.append(dict(target=(f'{case["mode"]}: {p["cf"]} per-step time <= '
+                                    f'{SINGLE_STEP_TARGET:g}x {p["other"]} (single-step, timed '
+                                    f'alternately, {case["rounds"]} rounds; CPU-time ratio '
+                                    f'{p["cpu_time_ratio"]:.3g})'
+                                    + ('' if stated else ' (not a stated target; for information)')),
+                            where=where, value=p['ratio'], threshold=SINGLE_STEP_TARGET,
+                            passed=(p['ratio'] <= SINGLE_STEP_TARGET) if stated else None,
+                            informational=not stated))
+    return out
+
+
+def single_step_markdown(section: dict) -> List[str]:
+    lines = ['', '## Single-step (streaming) mode: per-step time (us)', '',
+             f'One call per time step, T={section["T"]} steps per sequence, '
+             f'{section["threads"]} torch thread(s), float32. ' + ' '.join(
+                 f'{m}: {d}.' for m, d in section['modes'].items())
+             + f' LIF peer: {section["lif_neuron"]}. Every round runs one sequence of each '
+             'candidate in turn (order reversed every other round); per-step time = sequence '
+             'time / T, medians over the rounds; ratios divide medians of the same rounds. '
+             'Wall-clock time is the measure; the CPU time of the thread (`time.thread_time`, '
+             'which leaves out waiting for a core on a shared machine) is given beside it.', '']
+    rows = []
+    for case in section['cases']:
+        ok = [r for r in case['rows'] if r.get('status') == 'ok']
+        cells = '; '.join(f'{r["candidate"]} {r["per_step_s"]["median"] * 1e6:.1f} '
+                          f'(CPU {r["cpu_per_step_s"] * 1e6:.1f})' for r in ok)
+        errs = '; '.join(f'{r["candidate"]}: {r["reason"]}' for r in case['rows']
+                         if r.get('status') != 'ok')
+        ratios = '; '.join(f'{short(p["cf"])} / {short(p["other"])} {p["ratio"]:.3g} '
+                           f'(CPU {p["cpu_time_ratio"]:.3g})' for p in case['ratios'])
+        rows.append([case['mode'], f'{case["layer"]} {case["batch"]}x{case["neurons"]}',
+                     cells + (f' (errors: {errs})' if errs else ''), ratios, case['rounds'],
+                     f'{case["load_average_before"]} -> {case["load_average_after"]}'])
+    lines.append(common.markdown_table(['mode', 'layer', 'per-step time (us)', 'ratios',
+                                        'rounds', 'load average'], rows))
+    first = [(case['mode'], case['layer'], r) for case in section['cases'] for r in case['rows']
+             if 'compiled' in r['family'] and 'first_sequence_s' in r]
+    if first:
+        lines += ['', 'Compiled candidates, first sequence (compilation included): ' + '; '.join(
+            f'{r["candidate"]} {mode} {layer} {r["first_sequence_s"]:.3g} s'
+            for mode, layer, r in first) + '.']
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,7 +1158,7 @@ def informational_limits(results, cf, dtype, mode, T, N) -> List[dict]:
 
 
 def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
-    """Issue 9: the CF default against the torch.compile peers (training is the target; the
+    """The CF default against the torch.compile peers (training is the target; the
     inference ratios are reported for information)."""
     out = []
     for pred, threshold, what in (
@@ -856,7 +1177,7 @@ def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
             ratio = inter['ratio']
         stated = mode == 'training'
         out.append(dict(target=(f'{mode}: {cf["candidate"]} time <= {threshold:g}x '
-                                f'{other["candidate"]} (issue 9{how})'
+                                f'{other["candidate"]}{f" ({how[2:]})" if how else ""}'
                                 + ('' if stated else ' (not a stated target; for information)')),
                         where=where, value=ratio, threshold=threshold,
                         passed=(ratio <= threshold) if stated else None,
@@ -865,7 +1186,7 @@ def compiled_targets(results, cf, dtype, mode, T, N, where) -> List[dict]:
 
 
 def evaluate_targets(cfg: Config, results: List[dict]) -> List[dict]:
-    """Issue 6's targets on this run's measurements (same run, same process)."""
+    """The speed targets on this run's measurements (same run, same process)."""
     targets = []
     ok = [r for r in results if r.get('status') == 'ok']
     if cfg.device.type == 'cpu':
@@ -993,7 +1314,7 @@ def markdown_report(payload: dict) -> str:
               '(X time / CF time) and "copy frac" is copy time / CF time, all measured in this '
               'run.', '',
               'Three physical-limit figures, same bytes, same run: `copy` writes into a '
-              'preallocated buffer (the issue-6 target compares with it); `copy (fresh outputs)` '
+              'preallocated buffer (the target "CF training <= 1.5x copy" compares with it); `copy (fresh outputs)` '
               'allocates every output the kernel must return and fills it by copying an input of '
               'the same size, so it also pays the allocator\'s and the OS\'s first-touch '
               '(page-fault) cost that any op returning new tensors pays; '
@@ -1056,7 +1377,13 @@ def markdown_report(payload: dict) -> str:
             [[r['candidate'], r['mode'], r['dtype'], r['T'], common.fmt_n(r['N']),
               f'{r["first_call_s"]:.3g}', f'{r["compile_s"]:.3g}',
               common.fmt_ms(r['time_s']['median'])] for r in compiled_rows]))
-    lines += ['', '## Targets (issues 6 and 9)', '']
+    if payload.get('single_step'):
+        lines += single_step_markdown(payload['single_step'])
+        lines += ['', 'Single-step checks (CF driven step by step against the multi-step '
+                  'reference): ' + '; '.join(
+                      f'{c["candidate"]} ' + ('ok' if c['passed'] else 'FAILED ' + c.get('error', ''))
+                      for c in payload['single_step']['checks'])]
+    lines += ['', '## Targets', '']
     if payload['targets']:
         lines.append(common.markdown_table(
             ['target', 'where', 'measured', 'threshold', 'verdict'],
@@ -1202,7 +1529,19 @@ def print_summary(payload: dict) -> None:
               f'CF/fresh {f(m["cf_over_copy_fresh"], 1)} kernel/copy '
               f'{f(m["kernel_only_over_copy"], 1)} | alloc+touch '
               f'{f(m["alloc_first_touch_s_per_MiB"])} ms/MiB')
-    print('\n=== targets (issue 6) ===')
+    ss = payload.get('single_step')
+    if ss:
+        print(f'\n=== single-step (streaming) mode, per-step time, {ss["threads"]} thread(s), '
+              f'T={ss["T"]} ===')
+        for case in ss['cases']:
+            rows = ', '.join(f'{r["candidate"]} {r["per_step_s"]["median"] * 1e6:.1f} us'
+                             for r in case['rows'] if r.get('status') == 'ok')
+            ratios = ', '.join(f'{p["cf"]} / {p["other"]} {p["ratio"]:.3g}'
+                               for p in case['ratios'])
+            print(f'{case["mode"]:<9} {case["layer"]} {case["batch"]}x{case["neurons"]}: {rows} | '
+                  f'{ratios} | load {case["load_average_before"]} -> '
+                  f'{case["load_average_after"]}')
+    print('\n=== targets ===')
     if not payload['targets']:
         print('no target case in this run')
     for t in payload['targets']:
@@ -1242,6 +1581,17 @@ def parse_args(argv=None):
                    help='time the torch.compile peers (compiled LIFNode, CFNode[inductor]); '
                         'default: yes, except with --quick')
     p.add_argument('--no-compiled', dest='compiled', action='store_false')
+    p.add_argument('--single-step', choices=('yes', 'no', 'only'), default='yes',
+                   help="time single-step (streaming) mode too: CFNode vs LIFNode driven one call "
+                        "per step ('only': skip the multi-step sweep)")
+    p.add_argument('--single-step-layers', nargs='+', choices=tuple(SINGLE_STEP_LAYERS),
+                   default=None, help='default: small large (--quick: small)')
+    p.add_argument('--single-step-T', type=int, default=None,
+                   help=f'steps per sequence; default {SINGLE_STEP_T} (--quick: 20)')
+    p.add_argument('--single-step-threads', type=int, default=1,
+                   help='torch threads in the single-step section (default 1)')
+    p.add_argument('--single-step-budget-s', type=float, default=None,
+                   help='measurement time per single-step case; default 20 (--quick: 0.2)')
     p.add_argument('--sj2-lif-impl', choices=('auto', 'cuda', 'triton', 'torch'), default=None,
                    help="SpikingJelly 2.0's CUDA LIF implementation (sets SJ_LIF_CUDA_IMPLEMENTATION)")
     return p.parse_args(argv)
@@ -1270,7 +1620,17 @@ def main(argv=None) -> int:
                  max_call_s=args.max_call_s or (2.0 if gpu else 10.0), memory=not args.no_memory,
                  check_N=2 ** (args.check_log2n if args.check_log2n is not None else check),
                  quick=args.quick, only=args.only,
-                 compiled=(not args.quick) if args.compiled is None else args.compiled)
+                 compiled=(not args.quick) if args.compiled is None else args.compiled,
+                 single_step=args.single_step if device.type == 'cpu' else 'no',
+                 single_step_layers={k: SINGLE_STEP_LAYERS[k] for k in
+                                     (args.single_step_layers
+                                      or (['small'] if args.quick else list(SINGLE_STEP_LAYERS)))},
+                 single_step_T=args.single_step_T or (20 if args.quick else SINGLE_STEP_T),
+                 single_step_threads=args.single_step_threads,
+                 single_step_budget_s=(args.single_step_budget_s if args.single_step_budget_s
+                                       is not None else (0.2 if args.quick else 20.0)))
+    if device.type != 'cpu' and args.single_step != 'no':
+        note('single-step section skipped: it is a CPU benchmark (per-call overhead)')
     torch.manual_seed(0)
     meta = common.environment(device)
     tag = args.tag or f'sj{meta["spikingjelly"]}'
@@ -1289,7 +1649,8 @@ def main(argv=None) -> int:
           f'{first_touch["alloc_first_touch_s_per_MiB"] * 1e3:.3g} ms/MiB (empty+fill '
           f'{common.fmt_time(first_touch["alloc_and_first_fill_s"])} vs fill of a preallocated '
           f'one {common.fmt_time(first_touch["fill_preallocated_s"])})', flush=True)
-    checks, results = run(cfg)
+    checks, results = run(cfg) if cfg.single_step != 'only' else ([], [])
+    single_step = run_single_step(cfg) if cfg.single_step != 'no' else None
     meta['load_average_end'] = common.load_average()
     payload = dict(
         benchmark='neuron', tag=tag, command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -1305,7 +1666,8 @@ def main(argv=None) -> int:
         bytes_formulas=BYTES_FORMULAS, notes=list(NOTES), first_touch_reference=first_touch,
         checks=checks, results=results)
     payload['ratios'] = compute_ratios(results)
-    payload['targets'] = evaluate_targets(cfg, results)
+    payload['targets'] = evaluate_targets(cfg, results) + single_step_targets(single_step)
+    payload['single_step'] = single_step
     payload['physical_limits'] = physical_limits(results)
     payload['fresh_copy_recipes'] = FRESH_COPY_RECIPES
     payload['notes'] = list(NOTES)
@@ -1316,7 +1678,7 @@ def main(argv=None) -> int:
     plot(payload, stem + '.png')
     print_summary(payload)
     print(f'\nwrote {stem}.json, .md, .png')
-    failed = [c for c in checks if not c['passed']]
+    failed = [c for c in checks + (single_step or {}).get('checks', []) if not c['passed']]
     if failed:
         print(f'ERROR: {len(failed)} correctness check(s) failed', file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ CF backend; the fastest of each family gives the CF/LIF ratio (target: at most 1
 Compiled peers (``--compiled``, default on except with ``--quick``): the whole network through
 ``torch.compile`` (Inductor), LIF on its ``torch`` backend (0.0.0.0.14; the default dispatch on
 2.0) and CF on the reference backend ``'torch'`` and on the default one (``'auto'``); their ratio
-(fastest compiled CF / fastest compiled LIF) is issue 9's target (at most 1.15). The first step,
+(fastest compiled CF / fastest compiled LIF) has the target "compiled CF / compiled LIF <= 1.15". The first step,
 which compiles, is reported apart from the median; before timing, each compiled network's first
 loss is compared with the same network run eagerly. Results go to
 ``<out>/<YYYY-MM-DD>_<device>/training_<tag>.{json,md,png}``.

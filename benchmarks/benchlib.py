@@ -8,19 +8,14 @@ the CPU, CUDA events around a synchronised call on the GPU) until both a minimum
 and a time budget are reached, and report the median with its quartiles.
 """
 import datetime
-import gc
 import json
 import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
-import weakref
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -146,118 +141,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# timing and memory
+# timing and memory: spikingjelly_cf._bench's (``python -m spikingjelly_cf bench`` times with the
+# same code), looked up on first use: importing the package imports SpikingJelly, which must wait
+# until a script has set its environment (bench_neuron.py --sj2-lif-impl)
 # ---------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+_FROM_PACKAGE = ('Timing', '_AllocationTracker', 'measure', 'peak_memory', 'synchronize')
 
 
-@dataclass
-class Timing:
-    median: float   # seconds
-    q25: float
-    q75: float
-    min: float
-    repeats: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
-            min_repeats: int = 5, max_repeats: int = 100, budget_s: float = 1.0) -> Timing:
-    """Median time of ``fn()`` in seconds after ``warmup`` calls.
-
-    Repeats until at least ``min_repeats`` calls and ``budget_s`` seconds of measurement (or
-    ``max_repeats`` calls). On CUDA every call is bracketed by CUDA events and synchronised.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    gc.collect()
-    times: List[float] = []
-    began = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats
-                                        or time.perf_counter() - began < budget_s):
-        if device.type == 'cuda':
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Timing(median=statistics.median(times), q25=q[0], q75=q[2], min=times[0],
-                  repeats=len(times))
-
-
-class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
-    """Live bytes of tensor storages created by ATen ops while active, and their peak.
-
-    Used on the CPU, where PyTorch keeps no allocator statistics. A storage is counted from the
-    op that creates it until the last tensor viewing it is freed. Memory that a kernel allocates
-    itself (outside ATen) is not seen.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: Dict[int, list] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0:
-                continue
-            entry = self.live.get(key)
-            if entry is None:
-                entry = self.live[key] = [storage.nbytes(), 0]
-                self.current += entry[0]
-                self.peak = max(self.peak, self.current)
-            entry[1] += 1
-            weakref.finalize(t, self._release, key)
-        return out
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes allocated by one call of ``fn`` above what was allocated before it.
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: tensors created by ATen ops during the call
-    (a dispatch-mode tracker; ``tracemalloc`` does not see PyTorch's allocations).
-    """
-    gc.collect()
-    if device.type == 'cuda':
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    tracker = _AllocationTracker()
-    with tracker:
-        fn()
-    return int(tracker.peak)
+def __getattr__(name: str):
+    if name in _FROM_PACKAGE:
+        from spikingjelly_cf import _bench
+        return getattr(_bench, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 # ---------------------------------------------------------------------------------------------

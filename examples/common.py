@@ -57,24 +57,21 @@ MODEL_ARGUMENTS = ('arch', 'width', 'T', 'neuron', 'k_pos', 'k_neg', 'tau', 'sur
 # neurons
 # ----------------------------------------------------------------------------------------------
 class LIFNode(sj_neuron.LIFNode):
-    r"""SpikingJelly's ``LIFNode`` that can also use a time-step-wise surrogate (TSG).
+    r"""SpikingJelly's ``LIFNode`` that can also keep its pre-reset potentials for the analysis.
 
-    SpikingJelly's neurons call ``surrogate_function(v - v_threshold)`` without the time step,
-    so with a :class:`~spikingjelly_cf.TSG` surrogate (and whenever ``store_h_seq`` is set)
-    this node runs its own multi-step loop, with SpikingJelly's LIF arithmetic, that passes
-    ``t`` to the surrogate and can keep the pre-reset potentials in ``h_seq`` (``[T, N, *]``).
-    Each multi-step call starts at step 0 (reset the network between samples, as usual).
-    Otherwise it is SpikingJelly's ``LIFNode`` unchanged.
+    With ``store_h_seq = True`` a multi-step call runs SpikingJelly's LIF arithmetic in a loop
+    of its own that keeps the pre-reset potentials in ``h_seq`` (``[T, N, *]``), which the
+    potential histograms and the MNIST-1D diagnostics read; otherwise (training, by default)
+    it is SpikingJelly's ``LIFNode`` unchanged. A :class:`~spikingjelly_cf.TSG` surrogate needs
+    nothing special in either case: SpikingJelly's neurons call it once per step without the
+    step index and TSG counts the steps since the last ``functional.reset_net``.
     """
 
     store_h_seq = False
 
-    def _own_loop(self) -> bool:
-        return self.store_h_seq or (self.training and isinstance(self.surrogate_function, TSG))
-
     def multi_step_forward(self, x_seq: torch.Tensor):
         self.__dict__['h_seq'] = None
-        if not self._own_loop():
+        if not self.store_h_seq:
             return super().multi_step_forward(x_seq)
         v = self.v if isinstance(self.v, torch.Tensor) else torch.full_like(x_seq[0], float(self.v))
         v_reset = 0. if self.v_reset is None else self.v_reset
@@ -84,8 +81,7 @@ class LIFNode(sj_neuron.LIFNode):
                 h = v + (x_seq[t] - (v - v_reset)) / self.tau
             else:
                 h = v - (v - v_reset) / self.tau + x_seq[t]
-            s = self.surrogate_function(h - self.v_threshold, 1.0, t) \
-                if isinstance(self.surrogate_function, TSG) else self.surrogate_function(h - self.v_threshold)
+            s = self.surrogate_function(h - self.v_threshold)
             s_reset = s.detach() if self.detach_reset else s
             if self.v_reset is None:
                 v = h - s_reset * self.v_threshold
@@ -94,8 +90,7 @@ class LIFNode(sj_neuron.LIFNode):
             spikes.append(s)
             hs.append(h)
         self.v = v
-        if self.store_h_seq:
-            self.__dict__['h_seq'] = torch.stack(hs)
+        self.__dict__['h_seq'] = torch.stack(hs)
         return torch.stack(spikes)
 
 
@@ -804,12 +799,8 @@ def _train(task: Task, args, dist_: Distributed) -> dict:
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        if pnb is not None:
-            pnb.enable()
         tr = train_one_epoch(task, model, net, train_loader, optimizer, scheduler, scaler, pnb, args, dist_, epoch)
-        if pnb is not None:
-            pnb.disable()   # no potentials stored, no PNB statistics during evaluation
-            pnb.reset()
+        # evaluate() runs under torch.no_grad(): the PNB monitor records nothing there
         te = evaluate(task, model, net, test_loader, args, dist_)
         seconds = time.time() - t0
         record = {'epoch': epoch + 1, 'train_loss': tr['loss'], 'train_ce': tr['ce'], 'train_pnb': tr['pnb'],

@@ -50,7 +50,8 @@ Neurons
   paper's Fig. 6 variants (ST = 1/0 levels, DT = 1/1, SCF = K/0, CF = K/K), thresholds +1/-1,
   decay 0.25 (tau = 4/3), soft reset.
 - ``--neuron lif --lif-reset soft|hard``: SpikingJelly's ``LIFNode`` (through the small subclass
-  in ``examples/common.py`` that also runs TSG) with the same charge and threshold; ``soft``
+  in ``examples/common.py`` that can also keep its pre-reset potentials for the diagnostics;
+  TSG runs in SpikingJelly's neurons as it is) with the same charge and threshold; ``soft``
   subtracts the threshold (as CF does), ``hard`` resets to 0 (SpikingJelly's default).
 - ``--surrogate tsg|rect|atan|sigmoid``: TSG (Eq. 15-17), the CF rectangle (Eq. 14), or
   SpikingJelly's ATan / Sigmoid; ``--pnb LAMBDA``: the PNB loss weight (Eq. 23; CF with

@@ -10,22 +10,26 @@
 #                                        (torch 2.9.1, torchaudio 2.9): PASS3_TESTS below, i.e. what
 #                                        needs spikingjelly.datasets plus the core kernel and neuron
 #                                        tests (a second torch version)
+#   docs .venv (as pass 1)              the documentation site: sphinx-build -W --keep-going into
+#                                        docs/_build/html (a warning fails the run); the code on its
+#                                        pages runs as doctests in passes 1 and 2
 # Each pass tells tests/conftest.py what it claims to test (SPIKINGJELLY_CF_EXPECT_SJ,
 # SPIKINGJELLY_CF_EXPECT_TORCH, SPIKINGJELLY_CF_EXPECT_DATASETS); a mismatch fails that pass at
 # start. The smoke runs of the documented commands (tests/test_documented_commands.py) pick their
 # own environment, so only pass 1 runs them (pass 2 sets SPIKINGJELLY_CF_SKIP_DOC_SMOKE=1).
 # Extra arguments go to pytest in every pass (e.g. scripts/test.sh -k kernels).
-# Environment: VENV, VENV_SJ2 (as in setup_env.sh), PASSES (default "1 2 3").
+# Environment: VENV, VENV_SJ2 (as in setup_env.sh), PASSES (default "1 docs 2 3").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 VENV_SJ2=${VENV_SJ2:-.venv-sj2}
-PASSES=${PASSES:-1 2 3}
+PASSES=${PASSES:-1 docs 2 3}
 # pass 3: every test that needs spikingjelly.datasets, and the kernel / custom-op / neuron / PNB core
 # and torch.compile / export / checkpoint, which lean on torch internals that change between versions
 PASS3_TESTS=(tests/test_examples.py tests/test_synthetic_gesture.py tests/test_kernels_cpu.py
              tests/test_ops.py tests/test_neuron.py tests/test_pnb.py tests/test_compile.py
-             tests/test_checkpoint.py)
+             tests/test_checkpoint.py tests/test_tsg_spikingjelly.py tests/test_cfrect.py
+             tests/test_layout.py tests/test_streaming.py)
 
 case " $PASSES " in
   *" 3 "*) bash scripts/setup_env.sh --sj2-full ;;
@@ -57,10 +61,13 @@ for p in $PASSES; do
          PYTHONPATH="$VENV/sj/2.0.0" SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.14.1 \
          SPIKINGJELLY_CF_SKIP_DOC_SMOKE=1 -- \
          "$VENV/bin/python" -m pytest -q --durations=15 -m "not one_pass" "$@" ;;
+    docs) rm -rf docs/_build
+       run_pass "docs (sphinx-build -W: a warning fails it)" PYTHONPATH= -- \
+         "$VENV/bin/python" -m sphinx -W --keep-going -q -b html docs docs/_build/html ;;
     3) run_pass "3 (torch 2.9.1, SpikingJelly 2.0.0 with its dependencies)" \
          PYTHONPATH= SPIKINGJELLY_CF_EXPECT_SJ=2.0.0 SPIKINGJELLY_CF_EXPECT_TORCH=2.9.1 SPIKINGJELLY_CF_EXPECT_DATASETS=1 -- \
          "$VENV_SJ2/bin/python" -m pytest -q --durations=15 "${PASS3_TESTS[@]}" "$@" ;;
-    *) echo "unknown pass $p in PASSES (allowed: 1 2 3)" >&2; exit 2 ;;
+    *) echo "unknown pass $p in PASSES (allowed: 1 docs 2 3)" >&2; exit 2 ;;
   esac
 done
 printf '%s\n' "${summary[@]}"

@@ -32,6 +32,10 @@ A forward that runs inside a backward pass and cannot be identified this way rai
 ``use_reentrant=True`` (its re-run has no frame), a checkpoint nested inside a checkpointed
 region, and saved-tensor hooks of one's own pushed inside a checkpointed region.
 
+The same records serve :class:`~spikingjelly_cf.surrogate.TSG` when a SpikingJelly neuron calls it
+without a step index: its step counter is recorded and replayed like a CF node's state
+(:func:`replayed_state`).
+
 Under ``torch.compile`` none of this runs (the caller checks
 ``torch.compiler.is_compiling()``): Dynamo traces a checkpoint as a higher-order op whose
 state is a graph input.
@@ -42,7 +46,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['replayed_v', 'before_run', 'pending_frames']
+__all__ = ['replayed_v', 'before_run', 'replayed_state', 'pending_frames']
 
 _CHECKPOINT_PACK = '_checkpoint_hook.__init__.<locals>.pack_hook'
 _RECOMPUTE_PACK = '_recomputation_hook.__init__.<locals>.pack_hook'
@@ -174,6 +178,39 @@ def before_run(module, v: torch.Tensor, step_count: int) -> Tuple[int, bool]:
             records = _records[frame] = _Records()
         records.calls.setdefault(module, []).append(rec)
     return step_count, False
+
+
+def replayed_state(module, state) -> Tuple[object, bool]:
+    """``(state, replay)`` for one call of ``module`` whose only state is ``state`` (TSG's
+    step counter when a SpikingJelly neuron calls it without a step index).
+
+    In the first run of a checkpointed region ``state`` is recorded and returned; in its
+    re-run the n-th call returns the n-th recorded state and ``replay=True`` (the caller must
+    leave its state alone). Elsewhere ``(state, False)``. Raises ``RuntimeError`` for a call
+    inside a backward pass that cannot be identified.
+    """
+    kind, frame, gid = _context()
+    if kind == 'plain':
+        return state, False
+    if kind == 'unknown':
+        raise _unidentified(module)
+    records = _records.get(frame)
+    if kind == 'forward':
+        if records is None:
+            records = _records[frame] = _Records()
+        records.calls.setdefault(module, []).append(state)
+        return state, False
+    calls = None if records is None else records.calls.get(module)
+    key = (gid, module)
+    index = 0 if records is None else records.replayed.get(key, 0)
+    if calls is None or index >= len(calls):
+        raise RuntimeError(
+            f'{type(module).__name__}: the checkpoint recomputation calls this module more often '
+            f'({index + 1}) than the first forward pass of the region did '
+            f'({0 if calls is None else len(calls)} recorded calls with gradients enabled); the '
+            f'region must run the same calls both times. Otherwise, {ALTERNATIVES}.')
+    records.replayed[key] = index + 1
+    return calls[index], True
 
 
 def pending_frames() -> int:

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-__all__ = ['check_cf_parameters', 'check_tensors']
+__all__ = ['check_cf_parameters', 'check_v_threshold_neg', 'check_tensors']
 
 
 def _is_real(value) -> bool:
@@ -42,14 +42,9 @@ def check_cf_parameters(tau, decay_input, v_threshold, v_threshold_neg, k_pos, k
                         f'({type(v_threshold).__name__})')
     if not (math.isfinite(v_threshold) and v_threshold > 0):
         raise ValueError(f'v_threshold must be a finite float > 0, got {v_threshold}')
+    v_threshold_neg = check_v_threshold_neg(v_threshold_neg)
     if v_threshold_neg is None:
         v_threshold_neg = -float(v_threshold)
-    if not _is_real(v_threshold_neg):
-        raise TypeError(f'v_threshold_neg must be a float < 0 or None, got {v_threshold_neg!r} '
-                        f'({type(v_threshold_neg).__name__})')
-    if not (math.isfinite(v_threshold_neg) and v_threshold_neg < 0):
-        raise ValueError(f'v_threshold_neg must be a finite float < 0 (or None for -v_threshold), '
-                         f'got {v_threshold_neg}')
     if not _is_int(k_pos):
         raise TypeError(f'k_pos must be an integer >= 1, got {k_pos!r} ({type(k_pos).__name__})')
     if k_pos < 1:
@@ -63,6 +58,19 @@ def check_cf_parameters(tau, decay_input, v_threshold, v_threshold_neg, k_pos, k
     return dict(tau=float(tau), decay_input=decay_input, v_threshold=float(v_threshold),
                 v_threshold_neg=float(v_threshold_neg), k_pos=int(k_pos), k_neg=int(k_neg),
                 detach_reset=detach_reset)
+
+
+def check_v_threshold_neg(v_threshold_neg):
+    """``None`` (meaning ``-v_threshold``) or a finite float < 0, returned as ``None`` or a float."""
+    if v_threshold_neg is None:
+        return None
+    if not _is_real(v_threshold_neg):
+        raise TypeError(f'v_threshold_neg must be a float < 0 or None, got {v_threshold_neg!r} '
+                        f'({type(v_threshold_neg).__name__})')
+    if not (math.isfinite(v_threshold_neg) and v_threshold_neg < 0):
+        raise ValueError(f'v_threshold_neg must be a finite float < 0 (or None for -v_threshold), '
+                         f'got {v_threshold_neg}')
+    return float(v_threshold_neg)
 
 
 def check_tensors(x_seq: torch.Tensor, v) -> None:

@@ -18,8 +18,9 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from .functional.energy import (E_FLOP_ANN, E_MAC, E_SOP, SYNAPTIC_LAYER_TYPES, _batched, _conv_dims,
-                                is_spike_valued, synaptic_flops, synaptic_operations)
+from .functional.energy import (AVERAGE_POOL_TYPES, E_FLOP_ANN, E_MAC, E_SOP, SYNAPTIC_LAYER_TYPES,
+                                _batched, _conv_dims, _fold, _pool_dims, is_spike_valued,
+                                synaptic_flops, synaptic_operations)
 from .functional.pnb import pnb_loss_from_statistics, pnb_statistics
 from .neuron import CFNode
 
@@ -158,6 +159,15 @@ class PNBMonitor(_ForwardHookMonitor):
     per-layer loss of Eq. 22 (:func:`~spikingjelly_cf.functional.pnb_loss`), and clears the
     accumulators. The training objective of Eq. 23 is ``CE + 0.25 * pnb.loss()``.
 
+    The PNB loss is a training term, so the monitor records only forward passes whose graph
+    autograd keeps: nothing under ``torch.no_grad()`` or ``torch.inference_mode()`` (validation
+    passes may run while the monitor is attached and leave the next training loss unchanged),
+    and nothing when ``torch.utils.checkpoint`` re-runs a region inside the backward pass (its
+    first run was recorded). ``net.eval()`` alone changes nothing: an eval-mode forward with
+    gradients enabled is recorded like any other (evaluate under ``torch.no_grad()``). The
+    layers keep ``store_h_seq=True`` while the monitor is enabled, also without gradients;
+    :meth:`disable` turns that off.
+
     Parameters
     ----------
     net : nn.Module
@@ -240,13 +250,25 @@ class PNBMonitor(_ForwardHookMonitor):
                 del _PNB_OWNERS[module]
 
     def _hook(self, name, module, args, output):
+        if not torch.is_grad_enabled():
+            return  # torch.no_grad() / inference_mode(): a validation pass, no loss to train
+        # a torch.utils.checkpoint re-run inside the backward pass: the first run was recorded;
+        # the statistics are computed again (the re-run must save the tensors the first run
+        # saved) and dropped
+        rerun = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
         h = getattr(module, 'h_seq', None)
+        if rerun:  # CFNode's re-run leaves h_seq alone and hands its own potentials over here
+            h = module.__dict__.pop('_rerun_h_seq', None)
+            if h is None:
+                return
         if h is None:
             raise RuntimeError(f'PNBMonitor: layer {name!r} ran with store_h_seq=True but left '
                                f'h_seq=None; its forward must store the pre-reset potentials')
         if module.k_pos != module.k_neg or module.k_neg == 0:
             self._check_layer(name, module)
         stats = pnb_statistics(h, module.v_threshold, module.v_threshold_neg, module.k_pos)
+        if rerun:
+            return
         old = self._stats.get(name)
         self._stats[name] = stats if old is None else old + stats.to(old.device)
 
@@ -286,17 +308,53 @@ class PNBMonitor(_ForwardHookMonitor):
 
 
 class _EnergyRecord:
-    __slots__ = ('module', 'sample_steps', 'macs', 'abs_sum', 'numel', 'sops', 'real_valued', 'steps')
+    __slots__ = ('module', 'sample_steps', 'macs', 'abs_sum', 'numel', 'sops', 'real_valued', 'steps',
+                 'spike_macs', 'pooled', 'pooled_real', 'unfolded')
 
     def __init__(self, module):
         self.module = module
         self.sample_steps = 0   # samples x steps seen
-        self.macs = 0           # MACs of everything seen
-        self.abs_sum = None     # sum |s| (float64 tensor on the input's device)
-        self.numel = 0          # input elements seen
+        self.macs = 0           # MACs of everything seen (the layer's own, for the ANN reference)
+        self.spike_macs = 0     # MACs of the map the spikes went through (folded pool), Eq. 26
+        self.abs_sum = None     # sum |s| of the spikes (pre-pool ones when pooled), float64 tensor
+        self.numel = 0          # spike elements seen
         self.sops = None        # exact SOPs of everything seen (float64 tensor)
         self.real_valued = None  # bool tensor: some input was not integer-valued
         self.steps = set()      # T of multi-step inputs
+        self.pooled = False     # some input came through an average pool, folded
+        self.pooled_real = None  # bool tensor: one of those pools read non-integer values
+        self.unfolded = None    # why an average-pooled input could not be folded (str)
+
+
+class _PoolRecord:
+    """The last call of an average pool: its output (weakly) and the |s| of its input per
+    pooled position, summed over every other dimension."""
+    __slots__ = ('output', 'ptr', 'numel', 'device', 'in_shape', 'out_shape', 'contiguous', 'per_position',
+                 'abs_sum', 'numel_in', 'real')
+
+    def __init__(self, pool, x, output):
+        dims = _pool_dims(pool)
+        a = x.detach().abs()
+        if not a.is_floating_point() or a.dtype in (torch.float16, torch.bfloat16):
+            a = a.float()
+        # the tensor that owns the output's memory: every view of the output (a Flatten, the
+        # reshapes of SpikingJelly's multi-step layers) keeps it alive, so while it lives a tensor
+        # at the same address with as many elements is that output
+        self.output = weakref.ref(output if output._base is None else output._base)
+        self.ptr, self.numel, self.device = output.data_ptr(), output.numel(), output.device
+        self.in_shape, self.out_shape = tuple(x.shape), tuple(output.shape)
+        self.contiguous = output.is_contiguous()
+        self.per_position = a.sum(dim=tuple(range(a.dim() - dims)), dtype=torch.float64)
+        self.abs_sum = self.per_position.sum()
+        self.numel_in = x.numel()
+        self.real = ~is_spike_valued(x)
+
+    def feeds(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is this pool's output or a view of it in the same element order
+        (``Flatten``, a reshape)."""
+        out = self.output()
+        return (out is not None and x.device == self.device and x.numel() == self.numel
+                and x.data_ptr() == self.ptr and self.contiguous and x.is_contiguous())
 
 
 def _add(old, new):
@@ -315,6 +373,16 @@ class EnergyMonitor(_ForwardHookMonitor):
     - ``sops_eq26``: the estimate :math:`f_r \cdot T \cdot \text{FLOPs}` of Eq. 26;
     - ``energy_j``: :math:`e_{SOP} \cdot \text{SOPs}` (Eq. 27) or, for a layer whose input
       had a non-integer value (the encoding layer), :math:`e_{MAC} \cdot \text{MACs}`.
+
+    A layer fed by an average pool of spikes (``AvgPool -> Conv``, ``AvgPool -> Flatten ->
+    Linear``, ``AdaptiveAvgPool``, SpikingJelly's ``layer.AvgPool*`` in either step mode) sees
+    non-integer values, but pooling is linear: the monitor folds the pool into the layer and
+    counts it as spike-driven over the pre-pool spikes
+    (:func:`~spikingjelly_cf.functional.pooled_synaptic_operations`); its row says
+    ``input='pooled spikes'``, its ``firing_rate`` is that of the pre-pool spikes and Eq. 26
+    uses the folded map's MACs. The pool must feed the layer directly (or through a view such as
+    ``Flatten``). Every layer counted as MACs says why in ``mac_reason`` (and in the notes under
+    :meth:`format_table`).
 
     The totals add the ANN reference :math:`e_{FLOP} \cdot \sum_l \text{FLOPs}(l)` (Eq. 28).
     Values are per sample: a SpikingJelly layer in multi-step mode sees ``[T, N, ...]``
@@ -365,7 +433,44 @@ class EnergyMonitor(_ForwardHookMonitor):
         self.T = T
         self.e_sop, self.e_mac, self.e_flop_ann = float(e_sop), float(e_mac), float(e_flop_ann)
         self._records: Dict[str, _EnergyRecord] = {}
+        # every average pool of the network (whatever the filters): their outputs may feed a
+        # counted layer, which then counts the pre-pool spikes
+        self._pools = [m for m in net.modules() if isinstance(m, AVERAGE_POOL_TYPES)]
+        self._pool_handles = []
+        self._pool_calls: Dict[int, _PoolRecord] = {}
+        self._folds = {}
         self.enable()
+
+    def _on_enable(self):
+        for pool in self._pools:
+            self._pool_handles.append(pool.register_forward_hook(self._pool_hook))
+
+    def _on_disable(self):
+        for handle in self._pool_handles:
+            handle.remove()
+        self._pool_handles = []
+        self._pool_calls = {}
+
+    def _pool_hook(self, pool, args, output):
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            return
+        with torch.no_grad():
+            self._pool_calls[id(pool)] = (pool, _PoolRecord(pool, args[0], output))
+
+    def _pooled_input(self, x: torch.Tensor):
+        for pool, call in self._pool_calls.values():
+            if call.feeds(x):
+                return pool, call
+        return None, None
+
+    def _fold_for(self, pool, module, in_shape):
+        key = (id(pool), id(module), in_shape)
+        if key not in self._folds:
+            try:
+                self._folds[key] = _fold(pool, module, in_shape)
+            except ValueError as exc:
+                self._folds[key] = str(exc)
+        return self._folds[key]
 
     def _hook(self, name, module, args, output):
         if not args or not isinstance(args[0], torch.Tensor):
@@ -384,11 +489,36 @@ class EnergyMonitor(_ForwardHookMonitor):
             else:
                 sample_steps = int(xb.shape[0]) if xb.dim() >= 2 else 1
             record.sample_steps += sample_steps
-            record.macs += synaptic_flops(module, xb, 's')
-            record.numel += x.numel()
-            record.abs_sum = _add(record.abs_sum, x.detach().abs().sum(dtype=torch.float64))
-            record.sops = _add(record.sops, synaptic_operations(module, xb, 's'))
-            real = ~is_spike_valued(x)
+            macs = synaptic_flops(module, xb, 's')
+            record.macs += macs
+            pool, call = self._pooled_input(x)
+            fan_out = None if pool is None else self._fold_for(pool, module, call.in_shape)
+            dims = 0 if pool is None else _pool_dims(pool)
+            if (isinstance(fan_out, torch.Tensor) and _conv_dims(module)
+                    and tuple(xb.shape[-dims - 1:]) != call.out_shape[-dims - 1:]):
+                fan_out = (f'it reads the pooled {call.out_shape[-dims - 1:]} (channels, size) as '
+                           f'{tuple(xb.shape[-dims - 1:])}')
+            if isinstance(fan_out, str):
+                record.unfolded = (f'its input is the average pool {type(pool).__name__} of '
+                                   f'spikes, which cannot be folded into it: {fan_out}')
+                fan_out = None
+            if fan_out is not None:  # the pool folded into the layer: count the pre-pool spikes
+                record.pooled = True
+                fan_out = fan_out.to(call.per_position.device)
+                record.sops = _add(record.sops, (call.per_position * fan_out).sum())
+                channels = call.in_shape[-dims - 1]
+                record.spike_macs += sample_steps * channels * int(round(float(fan_out.sum())))
+                record.numel += call.numel_in
+                record.abs_sum = _add(record.abs_sum, call.abs_sum)
+                real = call.real
+                record.pooled_real = real if record.pooled_real is None \
+                    else record.pooled_real | real.to(record.pooled_real.device)
+            else:
+                record.spike_macs += macs
+                record.numel += x.numel()
+                record.abs_sum = _add(record.abs_sum, x.detach().abs().sum(dtype=torch.float64))
+                record.sops = _add(record.sops, synaptic_operations(module, xb, 's'))
+                real = ~is_spike_valued(x)
             record.real_valued = real if record.real_valued is None \
                 else record.real_valued | real.to(record.real_valued.device)
 
@@ -407,10 +537,14 @@ class EnergyMonitor(_ForwardHookMonitor):
     def table(self) -> dict:
         """The energy table as data: ``{'layers': [row, ...], 'total': {...}}``.
 
-        Each row (a layer that ran) has ``name, type, input ('spikes' or 'real'), T, flops,
-        firing_rate, sops, sops_eq26, macs, energy_j``, all per sample; ``total`` has the
-        sums of ``flops, sops, sops_eq26, macs, energy_j`` plus ``ann_energy_j`` (Eq. 28) and
-        ``ann_to_snn`` (how many times the ANN reference exceeds the SNN estimate).
+        Each row (a layer that ran) has ``name, type, input, T, flops, firing_rate, sops,
+        sops_eq26, macs, energy_j, mac_reason``, all per sample. ``input`` is ``'spikes'``,
+        ``'pooled spikes'`` (an average pool of spikes, folded into the layer: ``sops`` and
+        ``firing_rate`` count the pre-pool spikes) or ``'real'`` (counted as MACs; then
+        ``mac_reason`` says why, else it is ``None``). ``flops`` are the layer's own MACs per
+        step (the ANN reference's). ``total`` has the sums of ``flops, sops, sops_eq26, macs,
+        energy_j`` plus ``ann_energy_j`` (Eq. 28) and ``ann_to_snn`` (how many times the ANN
+        reference exceeds the SNN estimate).
         """
         rows = []
         for name, record in self._records.items():
@@ -419,18 +553,28 @@ class EnergyMonitor(_ForwardHookMonitor):
             flops = record.macs / record.sample_steps
             real = bool(record.real_valued)
             fr = float(record.abs_sum) / record.numel if record.numel else 0.
+            reason = None
             if real:
                 sops = sops_eq26 = 0.
                 macs = flops * T
                 energy = self.e_mac * macs
+                if record.pooled and record.pooled_real is not None and bool(record.pooled_real):
+                    reason = ('its input is the average pool of non-integer values (not spikes), '
+                              'so folding the pool gives no spike-driven layer')
+                elif record.unfolded is not None:
+                    reason = record.unfolded
+                else:
+                    reason = ('its input has non-integer values (not spikes): the data a first '
+                              '(encoding) layer reads, or real values computed in between')
             else:
                 sops = float(record.sops) / samples
-                sops_eq26 = fr * T * flops
+                sops_eq26 = fr * T * (record.spike_macs / record.sample_steps)
                 macs = 0.
                 energy = self.e_sop * sops
             rows.append(dict(name=name, type=type(record.module).__name__,
-                             input='real' if real else 'spikes', T=T, flops=flops,
-                             firing_rate=fr, sops=sops, sops_eq26=sops_eq26, macs=macs, energy_j=energy))
+                             input='real' if real else ('pooled spikes' if record.pooled else 'spikes'),
+                             T=T, flops=flops, firing_rate=fr, sops=sops, sops_eq26=sops_eq26,
+                             macs=macs, energy_j=energy, mac_reason=reason))
         keys = ('flops', 'sops', 'sops_eq26', 'macs', 'energy_j')
         total = {key: sum(row[key] for row in rows) for key in keys}
         total['ann_energy_j'] = self.e_flop_ann * total['flops']
@@ -473,6 +617,12 @@ class EnergyMonitor(_ForwardHookMonitor):
             write(line)
         out.write(f'per sample; e_sop={self.e_sop:g} J, e_mac={self.e_mac:g} J, '
                   f'e_flop_ann={self.e_flop_ann:g} J\n')
+        if any(row['input'] == 'pooled spikes' for row in data['layers']):
+            out.write("pooled spikes: an average pool of spikes folded into the layer; SOPs and f_r "
+                      "count the pre-pool spikes\n")
+        for row in data['layers']:
+            if row['mac_reason'] is not None:
+                out.write(f"MACs for {row['name'] or '(net)'}: {row['mac_reason']}\n")
         return out.getvalue()
 
     def print_table(self, file=None):

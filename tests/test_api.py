@@ -104,7 +104,13 @@ def test_resolve_backend_branches(monkeypatch):
         fn.resolve_backend('numba', x32, rect)
     if backends.is_available('cpp'):
         assert _quiet_resolve('cpp', x32, rect) == 'cpp'
-        assert _quiet_resolve('cpp', x64, rect) == 'torch'  # a dtype the kernel lacks: reference
+        # a dtype the kernel lacks: the reference, said once
+        fn._warned.discard('dtype-cpp-torch.float64')
+        with pytest.warns(RuntimeWarning, match="backend='cpp' runs float32, float16, bfloat16 "
+                                                "on cpu, not float64; using the reference"):
+            assert fn.resolve_backend('cpp', x64, rect) == 'torch'
+        assert _quiet_resolve('cpp', x64, rect) == 'torch'
+        assert _quiet_resolve('cpp', x32.bfloat16(), rect) == 'cpp'  # half types: the kernel
     # non-spiking surrogates: the reference under 'auto' (one warning), an error when explicit
     fn._warned.discard('sg-CFRect')
     with pytest.warns(RuntimeWarning, match="runs on the reference 'torch' backend"):

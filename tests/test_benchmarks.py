@@ -147,7 +147,112 @@ def test_neuron_quick_reports(neuron_run):
     assert 'physical limits' in proc.stdout
     for heading in ('Correctness', 'Targets', 'median time', 'peak memory'):
         assert heading in markdown
-    assert 'targets (issue 6)' in proc.stdout
+    assert '=== targets ===' in proc.stdout
+
+
+def test_neuron_quick_single_step_section(neuron_run):
+    """The single-step (streaming) rows: CF checked against the reference, CF and LIF timed in
+    one run per mode, ratios of those medians, the load noted, targets from the eager pair."""
+    proc, payload, markdown = neuron_run
+    ss = payload['single_step']
+    assert ss['threads'] == 1 and ss['T'] == 20 and set(ss['layers']) == {'small'}
+    assert ss['checks'] and all(c['passed'] for c in ss['checks']), ss['checks']
+    assert {c['mode'] for c in ss['cases']} == {'inference', 'training'}
+    for case in ss['cases']:
+        assert case['load_average_before'] and case['rounds'] >= 3
+        rows = {r['family']: r for r in case['rows']}
+        assert set(rows) == {'CF', 'LIF'}, rows   # --quick: no compiled candidates
+        for r in rows.values():
+            assert r['status'] == 'ok', r
+            assert _positive(r['per_step_s']['median']) and _positive(r['cpu_per_step_s'])
+            assert r['per_step_s']['repeats'] == case['rounds']
+        (pair,) = case['ratios']
+        assert pair['target'] and pair['cf'] == rows['CF']['candidate']
+        assert pair['ratio'] == pytest.approx(rows['CF']['per_step_s']['median']
+                                              / rows['LIF']['per_step_s']['median'])
+    stated = [t for t in payload['targets'] if 'single-step' in t['target']]
+    assert len(stated) == 2 and all(t['passed'] is (t['value'] <= 1.0) for t in stated)
+    assert 'Single-step (streaming) mode' in markdown and 'single-step (streaming)' in proc.stdout
+
+
+def test_single_step_timing_alternates():
+    """Every round runs one sequence of each candidate, the order reversed every other round,
+    and the ratio divides the medians of those same rounds."""
+    bn = _load('bench_neuron')
+    from spikingjelly.activation_based import neuron as sj_neuron
+    from spikingjelly_cf import CFNode
+    order = []
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, tag, inner):
+            super().__init__()
+            self.tag, self.inner = tag, inner
+
+        def forward(self, x):
+            order.append(self.tag)
+            return self.inner(x)
+
+        def reset(self):
+            self.inner.reset()
+
+    cands = [bn.Candidate('cf', 'CF', 'auto', default=True,
+                          factory=lambda: Tagged('cf', CFNode(step_mode='s'))),
+             bn.Candidate('lif', 'LIF', 'torch',
+                          factory=lambda: Tagged('lif', sj_neuron.LIFNode(step_mode='s')))]
+    cfg = bn.Config(device=torch.device('cpu'), dtypes=[torch.float32], Ts=[4], Ns=[64],
+                    modes=['inference'], warmup=1, min_repeats=4, budget_s=0.0, max_call_s=1.0,
+                    memory=False, check_N=64, quick=True, only=None, single_step='only',
+                    single_step_layers={'tiny': (2, 8)}, single_step_T=3,
+                    single_step_budget_s=0.0)
+    case = bn.time_single_step(cfg, cands, 'inference', 'tiny')
+    assert case['rounds'] == 4
+    timed = order[2 * 3 * 2:]   # first sequence + one warm-up sequence of each, 3 steps each
+    per_round = [timed[i:i + 6] for i in range(0, len(timed), 6)]
+    assert per_round[0] == ['cf'] * 3 + ['lif'] * 3 and per_round[1] == ['lif'] * 3 + ['cf'] * 3
+    assert len(per_round) == 4
+    (pair,) = case['ratios']
+    rows = {r['candidate']: r for r in case['rows']}
+    assert pair['ratio'] == pytest.approx(rows['cf']['per_step_s']['median']
+                                          / rows['lif']['per_step_s']['median'])
+    (target,) = bn.single_step_targets(dict(threads=1, cases=[case]))
+    assert target['passed'] is (pair['ratio'] <= 1.0) and 'timed alternately' in target['target']
+
+
+def test_single_step_check_catches_a_wrong_neuron():
+    """The single-step correctness check fails for a neuron that is not the CF neuron."""
+    bn = _load('bench_neuron')
+    from spikingjelly_cf import CFNode
+    good = bn.check_single_step(bn.Candidate('cf', 'CF', 'auto', factory=lambda: CFNode()),
+                                2, 8, 6, torch.device('cpu'), torch.float32)
+    assert good['passed'], good
+    bad = bn.check_single_step(bn.Candidate('cf', 'CF', 'auto',
+                                            factory=lambda: CFNode(v_threshold=1.1)),
+                               2, 8, 6, torch.device('cpu'), torch.float32)
+    assert not bad['passed'] and bad['neurons_with_spike_mismatch'] > 0, bad
+
+
+def test_profile_single_step_smoke(tmp_path):
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([REPO] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, 'profile_single_step.py'),
+                           '--batch', '2', '--neurons', '8', '--T', '4', '--reps', '1',
+                           '--number', '5', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (md,) = glob.glob(os.path.join(str(tmp_path), '*_cpu-*core', 'single_step_profile_*.md'))
+    with open(md[:-3] + '.json') as f:
+        payload = json.load(f)
+    layers = payload['layers']['layers']
+    assert layers[0]['name'].startswith('node(x)') and all(_positive(r['us']) for r in layers)
+    for mode in ('inference', 'training'):
+        cats = payload['cprofile'][mode]['categories']
+        assert sum(c['fraction'] for c in cats) == pytest.approx(1.0)
+    assert set(payload['aten']) == {'CFNode inference', 'CFNode training (forward steps)',
+                                    'LIFNode inference', 'LIFNode training (forward steps)'}
+    with open(md) as f:
+        text = f.read()
+    for heading in ('Layers of one inference step', 'cProfile, inference', 'ATen ops per step'):
+        assert heading in text
 
 
 def test_training_quick_reports(training_run):
@@ -228,6 +333,33 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
         assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.one_pass  # the GPU script end to end on the CPU: nothing SpikingJelly-specific
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh runs its steps (info, check, the GPU tests, bench, ...) within its
+    budget on the CPU (GPU_CHECK_DEVICE=cpu), writes its summary and exports the reports;
+    fetch_gpu_wheels.sh parses."""
+    if subprocess.run(['bash', '--version'], capture_output=True).returncode != 0:
+        pytest.skip('no bash')
+    for script in ('gpu_check.sh', 'fetch_gpu_wheels.sh'):
+        check = subprocess.run(['bash', '-n', os.path.join(BENCH, script)], capture_output=True,
+                               text=True)
+        assert check.returncode == 0, check.stderr
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DEVICE='cpu', GPU_CHECK_QUICK='1',
+               GPU_CHECK_BUDGET_S='150', GPU_CHECK_RESULTS=str(tmp_path / 'results'),
+               GPU_CHECK_SITE=str(tmp_path / 'site'), GPU_CHECK_EXPORT=str(tmp_path / 'export'))
+    proc = subprocess.run(['bash', os.path.join(BENCH, 'gpu_check.sh')], capture_output=True,
+                          text=True, timeout=400, env=env, cwd=REPO)
+    summary = json.loads((tmp_path / 'results' / 'gpu_check.json').read_text())
+    assert proc.returncode == 1 and not summary['ok'], 'no GPU: the GPU tests all skip'
+    steps = summary['steps']
+    assert steps['info']['exit_status'] == 0 and steps['check']['exit_status'] == 0, steps
+    assert summary['check']['passed'] and summary['check']['rows'] >= 4
+    assert summary['total_s'] <= 150 + 30, 'the budget holds'
+    for name in ('gpu_check.json', 'gpu_check.log', 'check.json', 'info.json', 'results.tar.gz'):
+        assert (tmp_path / 'export' / name).is_file(), name
+    assert len(os.listdir(tmp_path / 'export')) <= 8  # what the device tool brings back
+
+
 # -- bench_protocol.py (issue 11) ---------------------------------------------------------------
 @pytest.fixture(scope='module')
 def protocol_run(tmp_path_factory):
@@ -252,10 +384,11 @@ def test_protocol_quick(protocol_run):
     per_step = {r['candidate']: r for r in payload['per_step'] if 'bytes_per_neuron_step' in r}
     if 'CFNode[cpp] CFRect' not in per_step:
         pytest.skip('the cpp backend is not built')
-    # the fused kernel saves float32 h (4 B) per neuron-step; lean at most 2 B
+    # the fused kernel saves float32 h (4 B) per neuron-step; lean 1 B (CFRect window codes) or
+    # 3 B (TSG: nearest level's index + float16 offset)
     assert per_step['CFNode[cpp] CFRect']['neuron_step_bytes_per_neuron_step'] == 4.0
     assert per_step['CFNode[cpp] CFRect lean']['neuron_step_bytes_per_neuron_step'] == 1.0
-    assert per_step['CFNode[cpp] TSG(T=T) lean']['neuron_step_bytes_per_neuron_step'] == 2.0
+    assert per_step['CFNode[cpp] TSG(T=T) lean']['neuron_step_bytes_per_neuron_step'] == 3.0
     long_rows = [r for r in payload['long_T'] if r['status'] == 'ok']
     assert {r['tsg'] for r in long_rows} == {'TSG(T=T)', 'TSG(T=1)'}
     for r in long_rows:  # saved bytes grow with T

@@ -173,3 +173,31 @@ def test_cuda_compiled_equals_eager(sg):
     assert counter.frame_count == frames
     functional.reset_net(net)
     assert torch._dynamo.explain(net)(x).graph_break_count == 0
+
+
+@pytest.mark.skipif(not is_available('cpp'), reason='the cpp extension is not built')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_channels_last_conv_net_compiles_without_breaks(dtype):
+    """A channels_last Conv2d + CFNode (+ conv) network under torch.compile(fullgraph=True): no
+    graph break, the CF op in the graph, outputs and the CF layer's state with the layout and
+    values of eager (half storage too: the kernel's bfloat16 path)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(3, 4, 3, padding=1, step_mode='m'),
+                        CFNode(step_mode='m', surrogate_function=TSG(T=T)),
+                        layer.Conv2d(4, 2, 3, padding=1, step_mode='m'))
+    net = net.to(dtype=dtype, memory_format=torch.channels_last)
+    x = (torch.randn(T, B, 3, 6, 6) * 2).to(dtype)
+    functional.reset_net(net)
+    explanation = torch._dynamo.explain(net)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    functional.reset_net(net)
+    eager = net(x)
+    v_eager = net[1].v
+    assert v_eager.stride() == v_eager.contiguous(memory_format=torch.channels_last).stride()
+    compiled = torch.compile(net, backend='aot_eager', fullgraph=True)
+    functional.reset_net(net)
+    before = cpp.launch_count
+    out = compiled(x)
+    assert cpp.launch_count == before + 1, 'the compiled graph ran the cpp kernel'
+    assert torch.equal(out, eager)
+    assert net[1].v.stride() == v_eager.stride() and torch.equal(net[1].v, v_eager)

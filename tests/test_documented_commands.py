@@ -1,6 +1,7 @@
-"""Every shell command the docs show works from the repository root (issue 12, item 10).
+"""Every shell command the docs show works from the repository root.
 
-Docs read: ``README.rst``, ``benchmarks/README.md`` and ``docs/*.md`` (``DOCS`` below).
+Docs read: ``README.rst``, ``benchmarks/README.md``, ``docs/*.md`` and ``docs/guide/*.md``
+(``DOCS`` below).
 
 What counts as a documented command
 -----------------------------------
@@ -43,7 +44,7 @@ from typing import NamedTuple, Optional, Tuple
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ('README.rst', 'benchmarks/README.md', 'docs/*.md')
+DOCS = ('README.rst', 'benchmarks/README.md', 'docs/*.md', 'docs/guide/*.md')
 STAMP_INPUTS = ('scripts/setup_env.sh', 'requirements.txt', 'setup.py', 'setup.cfg')
 COMMAND_WORDS = {'bash', 'sh', 'python', 'python3', 'pip', 'pip3', 'torchrun', 'pytest', 'cd',
                  'git', 'make', 'source', '.', 'conda', 'uv'}
@@ -91,6 +92,12 @@ COMMANDS = {
     'bash scripts/setup_env.sh': skip(_SETUP),
     'bash scripts/setup_env.sh --sj2-full': skip(_SETUP),
     'bash scripts/test.sh': skip('the test suite itself (CI runs it: .ci/run)'),
+    'bash scripts/test.sh -k kernels': skip('the test suite itself with a pytest filter (CI runs bash scripts/test.sh)'),
+    '.venv/bin/python setup.py -q build_ext --inplace': skip(_SETUP + '; it rebuilds the kernel exactly so'),
+    'python setup.py build_ext': skip(_SETUP + ' (it builds the kernel so); tests/test_build.py builds it with and without OpenMP'),
+    'python -m sphinx -W --keep-going -b html docs docs/_build/html': skip('the docs step of scripts/test.sh runs this build (into docs/_build/html, removed first) in every CI run'),
+    'pip install .[docs]': skip("installs into the user's environment; scripts/setup_env.sh installs the same tools from requirements.txt in every CI run"),
+    'python examples/minimal.py': skip('tests/test_minimal_example.py runs exactly this command in passes 1 and 2 and checks its report'),
     'bash scripts/run_dvs_gesture.sh': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json'),
     'bash scripts/run_dvs_gesture.sh --sj2': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh --sj2 {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json', needs='.venv-sj2'),
     'python benchmarks/accuracy_study.py --grid core --jobs 2': smoke('python benchmarks/accuracy_study.py --grid smoke --jobs 1 --out-dir {tmp}/study --runs-dir {tmp}/runs --data-dir {tmp}/data --no-progress', creates='{tmp}/study/accuracy_study.json'),
@@ -104,7 +111,14 @@ COMMANDS = {
     'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj2.0.0.json'),
     'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj0.0.0.0.14.json'),
     'pip install .[benchmarks]': skip('optional peers (snnTorch, Norse) for the benchmarks; bench_protocol.py runs without them and says which it found'),
-    'bash benchmarks/gpu_check.sh': skip('needs a CUDA GPU with CuPy (nvidia-smi); CI has none'),
+    'bash benchmarks/gpu_check.sh': skip('needs a CUDA GPU with CuPy (nvidia-smi); CI has none (tests/test_benchmarks.py runs it on the CPU, GPU_CHECK_DEVICE=cpu)'),
+    'python -m spikingjelly_cf check': smoke('python -m spikingjelly_cf check --quick --backends cpp --surrogates CFRect --no-progress --json {tmp}/check.json', creates='{tmp}/check.json'),
+    'python -m spikingjelly_cf bench': smoke('python -m spikingjelly_cf bench --quick --device cpu --log2n 10 --json {tmp}/bench.json', creates='{tmp}/bench.json'),
+    'python -m spikingjelly_cf check --quick': skip('the smoke row of `python -m spikingjelly_cf check` runs --quick; tests/test_check_cli.py runs the whole --quick check'),
+    'python -m spikingjelly_cf check --json': skip('the smoke row of `python -m spikingjelly_cf check` writes --json'),
+    'python -m spikingjelly_cf check --backends cpp': skip('the smoke row of `python -m spikingjelly_cf check` runs --backends cpp'),
+    'python -m spikingjelly_cf info': smoke('python -m spikingjelly_cf info --json {tmp}/info.json', creates='{tmp}/info.json'),
+    'bash benchmarks/fetch_gpu_wheels.sh': skip('downloads wheels from PyPI for an offline GPU machine; tests/test_benchmarks.py checks its syntax'),
     'pip install .': skip(_PIP),
     'pip install .[cuda12]': skip('needs CUDA (cupy-cuda12x); CI has no GPU'),
     'pip install .[examples,test]': skip(_PIP),

@@ -9,6 +9,7 @@ from spikingjelly.activation_based.model import parametric_lif_net, sew_resnet, 
 
 from _backends import backend  # noqa: F401  (fixture)
 from spikingjelly_cf import CFNode, CFRect, TSG, replace_neurons
+from spikingjelly_cf._compat import CLASSIC
 
 T = 2
 
@@ -153,3 +154,38 @@ def test_replace_neurons_options():
     assert len(counter) == 2 and net2[0].surrogate_function.alpha == 0.5
     with pytest.raises(ValueError, match='surrogate_function'):
         replace_neurons(nn.Sequential(neuron.LIFNode()), surrogate_function='bogus')
+
+
+def test_replace_neurons_picks_auto_not_spikingjelly_backend():
+    """SpikingJelly's backend names describe SpikingJelly's own implementations ('torch' is
+    LIFNode's default on 0.0.0.0.14, 'cupy' its fused GPU path): a converted layer runs our
+    'auto' (here the compiled CPU kernel), unless ``backend=`` is given to replace_neurons."""
+    from _backends import backend_case
+    case = backend_case('cpp')
+    # the README's conversion example
+    lif_net = parametric_lif_net.DVSGestureNet(channels=8, spiking_neuron=neuron.LIFNode,
+                                               v_reset=None, detach_reset=True)
+    cf_net = replace_neurons(lif_net, surrogate_function=TSG(T))
+    nodes = _nodes(cf_net)
+    assert len(nodes) == 7 and {m.backend for m in nodes} == {'auto'}
+    functional.set_step_mode(cf_net, 'm')
+    x = (torch.rand(T, 1, 2, 128, 128) > 0.9).float()
+    with case.ran(backward=True):   # the kernel ran, forward and backward
+        cf_net(x).sum().backward()
+    functional.reset_net(cf_net)
+    for sj_backend in ('torch', 'cupy'):
+        # 0.0.0.0.14's backend property (its setter wants CuPy installed for 'cupy', hence the
+        # private field); on 2.0 (no backend there) a plain attribute stands for any neuron
+        # that carries SpikingJelly's backend names
+        lif = neuron.LIFNode(v_reset=None, step_mode='m')
+        if CLASSIC:
+            lif._backend = sj_backend
+        else:
+            lif.backend = sj_backend
+        assert lif.backend == sj_backend
+        net = replace_neurons(nn.Sequential(layer.Linear(3, 4), lif))
+        assert net[1].backend == 'auto', sj_backend
+    # an explicit keyword still wins
+    net = replace_neurons(nn.Sequential(layer.Linear(3, 4), neuron.LIFNode(v_reset=None)),
+                          backend='torch')
+    assert net[1].backend == 'torch'

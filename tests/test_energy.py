@@ -186,7 +186,7 @@ def test_energy_monitor_table_single_and_multi_step():
     assert [r['name'] for r in single['layers']] == [r['name'] for r in multi['layers']] == ['0', '3', '5']
     for a, b in zip(multi['layers'], single['layers']):
         for key, value in a.items():
-            assert b[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), key
+            assert b[key] == (value if isinstance(value, (str, type(None))) else pytest.approx(value, rel=1e-6)), key
 
 
 def test_energy_monitor_disable_reset_remove():
@@ -226,3 +226,156 @@ def test_energy_monitor_errors_and_filters():
         assert em.monitored_layers == ['3', '5']
     with EnergyMonitor(net, names='3') as em:
         assert em.monitored_layers == ['3']
+
+
+# ----------------------------------------------------------------------------------------------
+# average pooling folded into the next synaptic layer
+# ----------------------------------------------------------------------------------------------
+def brute_force_pooled_sops(pool, module, s, flatten=False):
+    """Fan-out of each pre-pool element read off the Jacobian of ``module(pool(x))`` with all
+    weights 1 (every structural connection is a positive entry), times |s|, summed."""
+    import copy
+    m = copy.deepcopy(module).double()
+    with torch.no_grad():
+        m.weight.fill_(1.)
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+    n = next((d for cls, d in dims.items() if isinstance(module, cls)), None)
+    sample = s.shape[-(n + 1):] if n is not None else s.shape[1:]
+
+    def f(x):
+        y = pool(x.unsqueeze(0))
+        return m(y.flatten(1) if flatten else y)
+
+    jac = torch.autograd.functional.jacobian(f, torch.ones(sample, dtype=torch.float64))
+    fan_out = (jac.reshape(-1, int(torch.tensor(sample).prod())) != 0).sum(0).double()
+    return float((s.double().abs().reshape(-1, fan_out.numel()) * fan_out).sum()), fan_out
+
+
+POOL_CASES = {
+    'avg2 conv3 pad1': (lambda: nn.AvgPool2d(2), lambda: nn.Conv2d(2, 3, 3, padding=1), (3, 2, 8, 8), False),
+    'overlapping, padded, ceil; conv stride dilation groups': (
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True),
+        lambda: nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2), (2, 2, 9, 9), False),
+    'adaptive 7 -> 3 (overlapping windows)': (lambda: nn.AdaptiveAvgPool2d((3, 3)),
+                                              lambda: nn.Conv2d(2, 2, 2), (2, 2, 7, 7), False),
+    'adaptive (2, None), circular conv': (
+        lambda: nn.AdaptiveAvgPool2d((2, None)),
+        lambda: nn.Conv2d(2, 2, (1, 3), padding=(0, 1), padding_mode='circular'), (2, 2, 5, 6), False),
+    'reflect conv': (lambda: nn.AvgPool2d(2), lambda: nn.Conv2d(1, 2, 3, padding=1, padding_mode='reflect'),
+                     (2, 1, 8, 8), False),
+    'avg2 flatten linear (odd size: a row and a column dropped)': (
+        lambda: nn.AvgPool2d(2), lambda: nn.Linear(2 * 3 * 3, 5), (3, 2, 7, 7), True),
+    'global average, flatten, linear': (lambda: nn.AdaptiveAvgPool2d(1), lambda: nn.Linear(2, 4),
+                                        (3, 2, 5, 5), True),
+    'avgpool1d, conv1d same': (lambda: nn.AvgPool1d(3, stride=2), lambda: nn.Conv1d(2, 3, 3, padding='same'),
+                               (2, 2, 11), False),
+    'avgpool3d, conv3d': (lambda: nn.AvgPool3d(2), lambda: nn.Conv3d(2, 2, 2, padding=1), (1, 2, 4, 4, 4), False),
+}
+
+
+@pytest.mark.parametrize('name', list(POOL_CASES))
+def test_pooled_operations_match_brute_force(name):
+    from spikingjelly_cf.functional.energy import pooled_synaptic_operations
+    make_pool, make_layer, shape, flatten = POOL_CASES[name]
+    pool, module = make_pool(), make_layer()
+    s = torch.randint(-2, 3, shape).float()
+    expected, fan_out = brute_force_pooled_sops(pool, module, s, flatten)
+    sops, macs = pooled_synaptic_operations(pool, module, s)
+    assert float(sops) == expected
+    assert macs == int(fan_out.sum())
+
+
+def _pooled_net(step_mode):
+    """VGG-like: encoding conv, CF, avg pool, conv, CF, avg pool, flatten, linear (the DVS
+    example's structure)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), CFNode(backend='torch'), layer.AvgPool2d(2),
+                        layer.Conv2d(4, 4, 3, padding=1), CFNode(backend='torch'), layer.AvgPool2d(2),
+                        layer.Flatten(), layer.Linear(4 * 2 * 2, 3))
+    with torch.no_grad():
+        net[3].weight.mul_(4.)   # so that the second CF layer fires
+    sj_functional.set_step_mode(net, step_mode)
+    return net
+
+
+def test_energy_monitor_folds_average_pools():
+    T, N = 3, 2
+    x = torch.rand(T, N, 2, 8, 8) * 3
+    net = _pooled_net('m')
+    pre_pool = []
+    for i in (1, 4):
+        net[i].register_forward_hook(lambda m, a, o: pre_pool.append(o.detach()))
+    with torch.no_grad(), EnergyMonitor(net) as em:
+        net(x)
+        data = em.table()
+        text = em.format_table()
+    rows = {row['name']: row for row in data['layers']}
+    assert [rows[n]['input'] for n in ('0', '3', '7')] == ['real', 'pooled spikes', 'pooled spikes']
+    assert 'not spikes' in rows['0']['mac_reason'] and rows['3']['mac_reason'] is None
+    s1, s2 = pre_pool
+    assert s1.abs().sum() > 0 and s2.abs().sum() > 0 and (s2 < 0).any()
+    conv_expected, _ = brute_force_pooled_sops(nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                                               s1.flatten(0, 1))
+    lin_expected, lin_fan = brute_force_pooled_sops(nn.AvgPool2d(2), nn.Linear(16, 3),
+                                                    s2.flatten(0, 1), flatten=True)
+    assert rows['3']['sops'] == pytest.approx(conv_expected / N, rel=1e-12)
+    assert rows['7']['sops'] == pytest.approx(lin_expected / N, rel=1e-12)
+    # f_r is that of the pre-pool spikes; Eq. 26 uses the folded map's MACs
+    assert rows['3']['firing_rate'] == pytest.approx(float(s1.abs().mean()))
+    assert rows['7']['sops_eq26'] == pytest.approx(float(s2.abs().mean()) * T * float(lin_fan.sum()))
+    assert rows['3']['flops'] == 4 * 4 * 4 * 4 * 9, 'the layer keeps its own FLOPs (ANN reference)'
+    assert rows['7']['energy_j'] == pytest.approx(77e-15 * rows['7']['sops'])
+    assert 'pooled spikes' in text and 'MACs for 0:' in text and 'MACs for 3' not in text
+
+    # the same network in single-step mode (T given), and with SpikingJelly's pool in a
+    # SeqToANNContainer around a plain nn.AvgPool2d: the same table
+    single = _pooled_net('s')
+    with torch.no_grad(), EnergyMonitor(single, T=T) as em:
+        for t in range(T):
+            single(x[t])
+        single_rows = {row['name']: row for row in em.table()['layers']}
+    wrapped = _pooled_net('m')
+    wrapped[2] = layer.SeqToANNContainer(nn.AvgPool2d(2))
+    sj_functional.set_step_mode(wrapped, 'm')
+    with torch.no_grad(), EnergyMonitor(wrapped) as em:
+        wrapped(x)
+        wrapped_rows = {row['name']: row for row in em.table()['layers']}
+    for other in (single_rows, wrapped_rows):
+        for name in ('0', '3', '7'):
+            for key, value in rows[name].items():
+                expected = value if isinstance(value, (str, type(None))) else pytest.approx(value, rel=1e-9)
+                assert other[name][key] == expected, (name, key)
+
+
+def test_energy_monitor_says_why_a_layer_is_counted_as_macs():
+    # a pool of real values (the data) is no spike input
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(2, 3, 3))
+    with torch.no_grad(), EnergyMonitor(net, T=1) as em:
+        net(torch.rand(2, 2, 8, 8))
+        row = em.table()['layers'][0]
+    assert row['input'] == 'real' and 'average pool of non-integer values' in row['mac_reason']
+    # pooled spikes that a Linear reads only in part (no Flatten: it mixes the last dimension)
+    net = nn.Sequential(nn.AvgPool2d(2), nn.Linear(4, 3))
+    spikes = torch.randint(-2, 3, (2, 2, 8, 8)).float()
+    with torch.no_grad(), EnergyMonitor(net, T=1) as em:
+        net(spikes)
+        row = em.table()['layers'][0]
+    assert row['input'] == 'real' and 'cannot be folded' in row['mac_reason']
+    assert 'in_features=4' in row['mac_reason']
+    # pooled spikes read in another shape (a [.., 4, 2] pool output viewed as [.., 2, 4])
+    class Swap(nn.Module):
+        def forward(self, x):
+            return x.view(*x.shape[:-2], x.shape[-1], x.shape[-2])
+
+    net = nn.Sequential(nn.AvgPool2d(2), Swap(), nn.Conv2d(2, 3, 1))
+    with torch.no_grad(), EnergyMonitor(net, T=1) as em:
+        net(torch.randint(-2, 3, (2, 2, 8, 4)).float())
+        row = em.table()['layers'][0]
+    assert row['input'] == 'real' and 'reads the pooled' in row['mac_reason']
+    # pooled spikes through something else (a ReLU): a new tensor, not the pool's output
+    net = nn.Sequential(nn.AvgPool2d(2), nn.ReLU(), nn.Conv2d(2, 3, 3))
+    with torch.no_grad(), EnergyMonitor(net, T=1) as em:
+        net(spikes)
+        row = em.table()['layers'][0]
+    assert row['input'] == 'real' and 'non-integer' in row['mac_reason']

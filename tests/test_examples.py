@@ -272,3 +272,18 @@ def test_dvs_gesture_compile_one_epoch(data_root, tmp_path):
     a = _state(os.path.join(str(tmp_path / 'eager'), 'checkpoints', 'latest.pt'))['model']
     b = _state(os.path.join(str(tmp_path / 'compiled'), 'checkpoints', 'latest.pt'))['model']
     assert a.keys() == b.keys()   # the checkpoint holds the plain model, not the compiled wrapper
+
+
+@needs_datasets
+def test_dvs_gesture_lif_with_tsg(data_root, tmp_path):
+    """``--neuron lif --surrogate tsg``: SpikingJelly's own LIFNode runs TSG (it counts the steps,
+    no subclass needed in training) and every layer learns a_t at every step."""
+    out = str(tmp_path / 'lif')
+    args = TINY[:TINY.index('--epochs')] + ['--epochs', '1'] + TINY[TINY.index('--epochs') + 2:]
+    summary = _run_in_process('dvs_gesture', args + ['--synthetic-root', data_root, '--out-dir', out,
+                                                     '--neuron', 'lif', '--surrogate', 'tsg', '--pnb', '0'])
+    alphas = summary['tsg_alpha']
+    assert alphas and all(len(a) == 4 for a in alphas.values())
+    moved = {name: [abs(a_t - 2.0) > 1e-6 for a_t in a] for name, a in alphas.items()}
+    assert all(all(steps) for steps in moved.values()), f'a_t that never trained: {moved}'
+    assert math.isfinite(summary['test_acc'])

@@ -293,3 +293,49 @@ def test_second_device(backend):
     s_r, _, _, _ = cf_multi_step_ref(x.detach(), torch.zeros(100, device='cuda:1'))
     assert s.device == x.grad.device == torch.device('cuda:1')
     assert torch.equal(s, s_r)
+
+
+# -- the first-use check and deterministic mode on a real GPU (docs/guide/gpu_check.md) ----------
+@pytest.mark.parametrize('backend', ['cupy', 'triton'])
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('kind', ['rect', 'tsg', 'sigmoid', 'atan'])
+def test_first_use_check_passes(backend, dtype, kind):
+    """The run-time-compiled kernels pass their own first-use check on this GPU (else 'auto'
+    would never use them); the probe's time is printed (the one-time cost)."""
+    gpu_backend(backend)
+    from spikingjelly_cf import backends
+    from spikingjelly_cf.backends import _probe
+    device = torch.device('cuda', torch.cuda.current_device())
+    verdict = backends.first_use_check(backend, device, dtype, kind, 2, 2, False)
+    assert verdict == '', verdict
+    entry = next(e for e in reversed(_probe.first_use_log()) if e['backend'] == backend
+                 and e['dtype'] == str(dtype).replace('torch.', '') and e['kind'] == kind)
+    print(f'first-use check {backend} {dtype} {kind}: {entry["seconds"]:.3f} s')
+
+
+def test_cupy_tsg_under_deterministic_mode():
+    """CuPy's TSG gradient (atomicAdd) raises under torch.use_deterministic_algorithms(True);
+    'auto' uses Triton (deterministic) for TSG then, and CuPy still for the other surrogates."""
+    gpu_backend('cupy')
+    from spikingjelly_cf import backends
+    from spikingjelly_cf.functional.neuron import resolve_backend
+    x = torch.randn(8, 300, device='cuda', requires_grad=True)
+    sg = make_surrogate('tsg', 8).cuda()
+    torch.use_deterministic_algorithms(True)
+    try:
+        s, _, _, _ = cf_multi_step(x, torch.zeros(300, device='cuda'), surrogate_function=sg,
+                                   backend='cupy')
+        with pytest.raises(RuntimeError, match="backend='triton'"):
+            s.sum().backward()
+        expected = 'triton' if backends.is_available('triton') else 'torch'
+        with pytest.warns() if expected == 'torch' else _nullcontext():
+            assert resolve_backend('auto', x, sg) == expected
+        if backends.AUTO_ORDER['cuda'][0] == 'cupy':
+            assert resolve_backend('auto', x, CFRect()) == 'cupy'
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()

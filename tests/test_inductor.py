@@ -115,13 +115,32 @@ def eager_loop_fn(x_seq, v, surrogate_function=None, **kw):
     dict(decay_input=True, tau=2.0, return_v_seq=True),
     dict(k_neg=0, k_pos=3, v_threshold=0.8, return_h_seq=True, return_v_seq=True),
     dict(v_threshold=1.2, v_threshold_neg=-0.7, k_pos=1, k_neg=3, t_start=1),
+    dict(v_threshold=4.0, v_threshold_neg=-0.5, default_height=True),  # CFRect: 1/4 and 2
+    dict(v_threshold=0.5, v_threshold_neg=-0.85, default_height=True),  # CFRect: 2 and 1/0.85
 ])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_kernel_form_matches_reference(sg_name, params, dtype):
+    params = dict(params)
     t_start = params.get('t_start', 0)
     sg = make_surrogate(sg_name, T_sg=T + t_start)
+    if params.pop('default_height', False):
+        if sg_name != 'rect':
+            pytest.skip('the default height is CFRect\'s')
+        sg = CFRect()
     x, v0, up = inputs(T, 300, dtype)
     compare(eager_loop_fn, x, v0, sg, params, up)
+
+
+def test_keeps_channels_last_layout():
+    """A channels_last [T, B, C, H, W] input: outputs with the input's strides (tests/test_layout.py)."""
+    x = (torch.randn(3 * 2, 5, 4, 3) * 2).contiguous(memory_format=torch.channels_last)
+    x = x.view(3, 2, 5, 4, 3)
+    v = torch.zeros_like(x[0])
+    s, v_last, h, v_seq = eager_loop_fn(x, v, return_h_seq=True, return_v_seq=True)
+    assert s.stride() == h.stride() == v_seq.stride() == x.stride()
+    assert v_last.stride() == x[0].stride()
+    ref = cf_multi_step_ref(x.contiguous(), v.contiguous(), return_v_seq=True)
+    assert torch.equal(s, ref[0]) and torch.equal(v_seq, ref[3])
 
 
 def test_rect_window_is_strict():

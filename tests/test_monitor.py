@@ -1,4 +1,5 @@
 """PNBMonitor and SpikeLevelHistogram (docs/method.md, section 3): modes, backends, gradients, training, hooks."""
+import copy
 import importlib
 
 import pytest
@@ -236,3 +237,66 @@ def test_monitors_on_cuda_match_cpu():
     for a, b in zip(results['cpu'][1]['layers'], results['cuda'][1]['layers']):
         assert a['sops'] == pytest.approx(b['sops'], rel=1e-6)
     assert results['cuda'][2] == results['cpu'][2]
+
+
+def test_passes_without_grad_are_not_recorded():
+    """Validation passes inside one monitor's lifetime (``torch.no_grad()``,
+    ``torch.inference_mode()``) leave the next training loss on the same batch unchanged."""
+    torch.manual_seed(0)
+    net = _toy_net()
+    x, x_val = torch.randn(4, 8, 6), torch.randn(4, 8, 6) * 2
+
+    def train_loss(pnb):
+        out = net(x)
+        loss = pnb.loss()
+        sj_functional.reset_net(net)
+        return out, loss
+
+    with PNBMonitor(net) as pnb:
+        _, before = train_loss(pnb)
+        assert before > 0
+        net.eval()
+        with torch.no_grad():
+            for _ in range(5):
+                net(x_val)
+                sj_functional.reset_net(net)
+        with torch.inference_mode():
+            net(x_val)
+            sj_functional.reset_net(net)
+        assert pnb.statistics() == {}, 'a pass without grad was recorded'
+        net.train()
+        _, after = train_loss(pnb)
+    assert after.item() == before.item()
+
+
+def test_checkpoint_recomputation_is_not_recorded_twice():
+    """A checkpointed region re-runs its forward inside the backward pass; the monitor records
+    the first run only, so the loss of the next batch is not changed by the re-run."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    net = _toy_net()
+    x = torch.randn(4, 8, 6)
+    with PNBMonitor(net) as pnb:
+        out = checkpoint(net, x, use_reentrant=False)
+        loss = pnb.loss()
+        (out.sum() + loss).backward()      # re-runs net's forward
+        assert pnb.statistics() == {}, 'the recomputation was recorded'
+        sj_functional.reset_net(net)
+        net(x)
+        again = pnb.loss()
+        sj_functional.reset_net(net)
+    assert again.item() == loss.item()
+    # the same with the network reset between the forward and the backward pass; the gradients
+    # are those of the region without checkpointing
+    grads = []
+    for checkpointed in (True, False):
+        model = copy.deepcopy(net)
+        with PNBMonitor(model) as pnb:
+            out = checkpoint(model, x, use_reentrant=False) if checkpointed else model(x)
+            loss = pnb.loss()
+            sj_functional.reset_net(model)
+            (out.sum() + loss).backward()
+            assert pnb.statistics() == {}
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -11,6 +11,8 @@ from spikingjelly_cf import CFNode, CFRect, TSG, variant_kwargs
 from spikingjelly_cf._compat import CLASSIC
 from spikingjelly_cf.functional import cf_multi_step, cf_multi_step_ref
 
+from _backends import backend  # noqa: F401  (fixture)
+
 
 def run_node(x, **kwargs):
     node = CFNode(step_mode='m', backend='torch', store_v_seq=True, store_h_seq=True, **kwargs)
@@ -350,3 +352,98 @@ def test_spikingjelly_surrogate_per_level_gradient():
 
     expected = [sum(g(hv - k) + g(-k - hv) for k in (1, 2)) for hv in (0.7, -1.6)]
     assert h.grad.flatten().tolist() == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# v_threshold_neg=None follows v_threshold at every call
+# ----------------------------------------------------------------------------------------------
+def test_v_threshold_neg_none_follows_v_threshold(backend):  # noqa: F811
+    """SpikingJelly users set thresholds as attributes: with ``v_threshold_neg=None`` the
+    negative threshold is minus the current ``v_threshold``, on every backend."""
+    node = CFNode(step_mode='m', backend=backend.name)
+    node.v_threshold = 0.5
+    assert node.v_threshold_neg == -0.5
+    x = backend.tensor([[1.2, -1.2]])
+    with backend.ran():
+        s = node(x)
+    assert s.tolist() == [[2.0, -2.0]]   # 1.2 >= 2 * 0.5 and -1.2 <= 2 * -0.5: two levels each side
+    node.v_threshold = 2.0
+    functional.reset_net(node)
+    assert node(backend.tensor([[4.5, -4.5]])).tolist() == [[2.0, -2.0]]
+    assert node(backend.tensor([[0.0, -3.0]])).tolist() == [[0.0, -1.0]]  # h = 0.125, -3.125
+
+
+def test_v_threshold_neg_live_value_everywhere():
+    import copy
+    from spikingjelly_cf import PNBMonitor
+    node = CFNode(step_mode='m', backend='torch')
+    assert node.__dict__.get('_v_threshold_neg', 'missing') is None, 'the stored value stays None'
+    node.v_threshold = 0.25
+    assert 'v_threshold_neg=-0.25' in repr(node) and '-v_threshold' in repr(node)
+    twin = copy.deepcopy(node)
+    twin.v_threshold = 0.75
+    assert twin.v_threshold_neg == -0.75 and node.v_threshold_neg == -0.25
+    clone = CFNode(step_mode='m', backend='torch')
+    clone.load_state_dict(node.state_dict())
+    assert clone.v_threshold_neg == -clone.v_threshold
+    # the PNB statistics use the live negative threshold: h = -0.25 sits on level -1 exactly
+    net = nn.Sequential(node)
+    with PNBMonitor(net) as pnb:
+        net(torch.tensor([[-0.25, 0.25]]))
+        stats = pnb.statistics()['0']
+    expected = spikingjelly_cf.functional.pnb_statistics(
+        torch.tensor([[-0.25, 0.25]]), 0.25, -0.25, 2)
+    torch.testing.assert_close(stats, expected)
+    # an explicit value stays fixed
+    fixed = CFNode(v_threshold_neg=-2.0, step_mode='m', backend='torch')
+    fixed.v_threshold = 0.5
+    assert fixed.v_threshold_neg == -2.0
+    assert fixed(torch.tensor([[-2.5]])).tolist() == [[-1.0]]
+    # and can be set back to None or to a new value, checked like the constructor's argument
+    fixed.v_threshold_neg = None
+    assert fixed.v_threshold_neg == -0.5
+    with pytest.raises(ValueError, match='v_threshold_neg'):
+        fixed.v_threshold_neg = 0.5
+    with pytest.raises(TypeError, match='v_threshold_neg'):
+        fixed.v_threshold_neg = '1'
+
+
+# ----------------------------------------------------------------------------------------------
+# TSG's mapping pinned against the formula, computed here (never read back from the module)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('a_init,a_min,a_max', [(2.0, 0.5, 3.5), (1.1, 0.3, 5.0), (0.9, 0.8, 1.0)])
+def test_tsg_mapping_and_initial_value_pinned(a_init, a_min, a_max):
+    r"""Eq. 17: :math:`a_t = (a_{max} - a_{min})\,\sigma(p_t) + a_{min}` and the initial
+    :math:`p = \mathrm{logit}((a_{init} - a_{min}) / (a_{max} - a_{min}))`, in float64 by hand;
+    then the gradient a level sees at step ``t`` (Eq. 16's triangle at that ``a_t``) and the
+    gradient of ``p_t``."""
+    T = 3
+    sg = TSG(T, alpha_init=a_init, alpha_min=a_min, alpha_max=a_max).double()
+    q = (a_init - a_min) / (a_max - a_min)
+    assert sg.p.tolist() == pytest.approx([math.log(q) - math.log(1 - q)] * T, rel=1e-6, abs=1e-6)
+    p = [-1.3, 0.0, 2.1]
+    with torch.no_grad():
+        sg.p.copy_(torch.tensor(p, dtype=torch.float64))
+
+    def a_of(p_t):
+        return (a_max - a_min) / (1 + math.exp(-p_t)) + a_min
+
+    assert sg.alpha().tolist() == pytest.approx([a_of(v) for v in p], rel=1e-12)
+    assert sg.alpha_steps(1, 2).tolist() == pytest.approx([a_of(v) for v in p[1:]], rel=1e-12)
+    for t in range(T):
+        a = a_of(p[t])
+        x0 = 0.3 / a   # inside the triangle |x| < 1/a
+        x = torch.tensor([x0, -x0, 2.0 / a], dtype=torch.float64, requires_grad=True)
+        sg.zero_grad()
+        sg(x, t=t).sum().backward()
+        assert x.grad.tolist() == pytest.approx([a * (1 - a * x0), a * (1 - a * x0), 0.0], rel=1e-12)
+        sig = 1 / (1 + math.exp(-p[t]))
+        da_dp = (a_max - a_min) * sig * (1 - sig)
+        # d H / d a = x (1 - a|x|) per level (straight-through of the primitive)
+        expected = (x0 * (1 - a * x0) - x0 * (1 - a * x0)) * da_dp
+        assert sg.p.grad[t].item() == pytest.approx(expected, abs=1e-12)
+        # a one-sided input makes the gradient of p_t nonzero and pins its value
+        sg.zero_grad()
+        sg(torch.tensor([x0], dtype=torch.float64), t=t).sum().backward()
+        assert sg.p.grad.tolist() == pytest.approx(
+            [x0 * (1 - a * x0) * da_dp if i == t else 0.0 for i in range(T)], rel=1e-12, abs=1e-15)

@@ -135,7 +135,8 @@ def test_dyadic_ties_equal_exact_oracle(backend, cfg):  # noqa: F811
 
 
 # h exactly on a window edge (|h - level| = theta/2) and one float32 ulp inside/outside:
-# (h, expected ds/dh) for theta_p = 1, theta_n = -2, K_P = K_N = 2, CFRect(alpha=1).
+# (h, expected ds/dh) for theta_p = 1, theta_n = -2, K_P = K_N = 2, CFRect() (default heights
+# 1/theta per side: 1 on the positive levels, 1/2 on the negative ones).
 def _edges():
     f32 = torch.float32
     up = lambda v: torch.nextafter(torch.tensor(v, dtype=f32), torch.tensor(100., dtype=f32)).item()  # noqa: E731
@@ -153,12 +154,13 @@ EDGE_H = _edges()
 
 
 def _expected_ds_dh(h):
-    levels = [(1.0, 0.5), (2.0, 0.5), (-2.0, 1.0), (-4.0, 1.0)]
-    return float(sum(1 for level, half in levels if abs(Fraction(h) - Fraction(level)) < Fraction(half)))
+    levels = [(1.0, 0.5), (2.0, 0.5), (-2.0, 1.0), (-4.0, 1.0)]  # (level, theta/2)
+    return float(sum(1 / (2 * half) for level, half in levels
+                     if abs(Fraction(h) - Fraction(level)) < Fraction(half)))
 
 
 def test_window_edges_are_one_sided(backend):  # noqa: F811
-    """On the edge g = 0, one ulp inside g = alpha, one ulp outside 0; spikes with H(0) = 1."""
+    """On the edge g = 0, one ulp inside g = 1/theta, one ulp outside 0; spikes with H(0) = 1."""
     h = torch.tensor(EDGE_H, dtype=torch.float32)
     expected = torch.tensor([_expected_ds_dh(v) for v in EDGE_H], dtype=torch.float32)
     assert expected.sum() > 0 and (expected == 0).sum() > len(EDGE_H) // 3

@@ -143,7 +143,23 @@ def test_many_programs_ragged_block(sg_name, k_pos, k_neg):
     kwargs = dict(tau=2.0, decay_input=True, v_threshold=0.7, v_threshold_neg=-0.9, k_pos=k_pos,
                   k_neg=k_neg, detach_reset=False, t_start=0, return_h_seq=True,
                   return_v_seq=True)
-    compare(x, torch.randn(N), make_surrogate(sg_name, 1.0, T), kwargs, upstream)
+    compare(x, torch.randn(N), make_surrogate(sg_name, None, T), kwargs, upstream)
+
+
+@pytest.mark.parametrize('theta_p,theta_n', [(0.5, -0.85), (1.0, -0.6), (4.0, -6.8)])
+@pytest.mark.parametrize('alpha', [None, 0.7])
+def test_rect_heights_at_several_thresholds(theta_p, theta_n, alpha):
+    """CFRect's default height 1/theta per side (docs/method.md, section 2) and an explicit one,
+    asymmetric thresholds from 0.5 to 6.8."""
+    tb.BLOCK = 32
+    T, N = 5, 70
+    scale = max(theta_p, -theta_n)
+    x = torch.randn(T, N) * 1.5 * scale
+    upstream = {'s': torch.randn(T, N), 'v_last': torch.randn(N), 'h': torch.randn(T, N),
+                'v_seq': torch.randn(T, N)}
+    kwargs = dict(tau=1.7, v_threshold=theta_p, v_threshold_neg=theta_n, k_pos=2, k_neg=2,
+                  return_h_seq=True, return_v_seq=True)
+    compare(x, torch.randn(N) * 0.3 * scale, CFRect(alpha=alpha), kwargs, upstream)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -437,3 +453,30 @@ def test_torch_compile_fullgraph():
     assert torch.equal(sc, se)
     assert torch.equal(xc.grad, xe.grad)
     assert torch.equal(gp, node.surrogate_function.p.grad)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_keeps_channels_last_layout(dtype):
+    """A channels_last [T, B, C, H, W] input: every output with the input's strides (no copy to
+    contiguous and back), the values of the contiguous input (tests/test_layout.py)."""
+    tb.BLOCK = 32
+    T, B, C, H, W = 3, 2, 5, 4, 3
+    x = (torch.randn(T * B, C, H, W) * 2).contiguous(memory_format=torch.channels_last)
+    x = x.view(T, B, C, H, W).to(dtype)
+    v = torch.zeros_like(x[0])
+    before = tb.launch_count
+    s, v_last, h, v_seq = tb.cf_multi_step_triton(x, v, return_h_seq=True, return_v_seq=True)
+    assert tb.launch_count == before + 1
+    assert s.stride() == h.stride() == v_seq.stride() == x.stride()
+    assert v_last.stride() == x[0].stride()
+    ref = cf_multi_step_ref(x.float().contiguous(), v.float().contiguous(), return_h_seq=True,
+                            return_v_seq=True)
+    assert torch.equal(s.float(), ref[0])
+    assert torch.equal(v_last, ref[1].to(dtype)) and torch.equal(v_seq, ref[3].to(dtype))
+    # single-step mode: each step's spikes and the state stay channels_last
+    node = CFNode(step_mode='s', backend='triton')
+    for t in range(T):
+        s_t = node(x[t])
+        assert s_t.stride() == x[t].stride() and node.v.stride() == x[t].stride()
+        if dtype == torch.float32:  # half types round the carried v between single steps
+            assert torch.equal(s_t, s[t])

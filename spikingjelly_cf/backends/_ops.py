@@ -11,9 +11,10 @@ save_h, return_h, return_v, lean=False) -> (s, v_last, h, v_seq)``
     ``save_h`` (kept for the backward pass) or ``return_h``, else an empty ``[0]`` tensor;
     ``v_seq`` is ``[T, N]`` in ``x``'s dtype when ``return_v``, else empty. With ``lean``
     (memory-lean mode; only when ``save_h`` and not ``return_h``, and only for backends
-    registered with ``supports_lean``) the saved ``h`` is smaller: ``uint8`` window codes for
-    CFRect (``kind`` 0), ``float16`` for the other surrogates; the backward op reads the form
-    from the dtype of the ``h`` it receives.
+    registered with ``supports_lean``) the saved ``h`` is smaller (:func:`lean_shape`): ``uint8``
+    window codes ``[T, N]`` for CFRect (``kind`` 0), ``uint8`` ``[T, 3, N]`` nearest-level
+    offsets for the other surrogates; the backward op reads the form from the dtype and shape
+    of the ``h`` it receives.
 
 ``cf_backward_<backend>(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p,
 theta_n, k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype) -> (grad_x, grad_v0,
@@ -39,7 +40,7 @@ from torch import Tensor
 from ._common import KIND_CODES, prepare
 
 __all__ = ['NAMESPACE', 'MEMORY_MODES', 'define_kernel_ops', 'forward_op', 'backward_op',
-           'lean_dtype']
+           'lean_dtype', 'lean_shape']
 
 
 def _saved_tensors_hooked() -> bool:
@@ -59,6 +60,7 @@ def _saved_tensors_hooked() -> bool:
 NAMESPACE = 'spikingjelly_cf'
 
 _ops = {}  # backend -> (forward op, backward op)
+_impls = {}  # backend -> (forward body, backward body, recycle_h, supports_lean, step_forward)
 
 
 def forward_op(backend: str):
@@ -71,29 +73,61 @@ def backward_op(backend: str):
     return _ops[backend][1]
 
 
+def kernel_impls(backend: str):
+    """``(forward body, backward body, recycle_h, supports_lean, step_forward)`` of a kernel
+    backend whose module has been imported (the op bodies themselves, for CFNode's lean
+    single-step path in eager mode, ``spikingjelly_cf._step``), or ``None`` for any other
+    backend."""
+    return _impls.get(backend)
+
+
 #: ``memory`` of the multi-step functions: ``'normal'`` saves float32 ``h`` for the backward
-#: pass, ``'lean'`` at most 2 bytes per neuron-step (see :func:`lean_dtype`).
+#: pass (4 bytes per neuron-step), ``'lean'`` 1 byte for CFRect and 3 for the other surrogates
+#: (see :func:`lean_shape`).
 MEMORY_MODES = ('normal', 'lean')
 
 #: Largest K_P / K_N of memory-lean CFRect (window counts in 4 bits; ``CF_LEAN_MAX_K``).
 LEAN_MAX_K = 15
 
+#: Largest K_P / K_N of memory-lean TSG/Sigmoid/ATan (level index in a signed byte;
+#: ``CF_LEAN_MAX_K_OFFSET``).
+LEAN_MAX_K_OFFSET = 127
+
 
 def lean_dtype(kind: int) -> torch.dtype:
-    """What memory-lean mode saves per neuron-step: ``uint8`` window codes for CFRect (which
-    only needs which level windows ``h`` fell in; gradients bit-identical), ``float16`` ``h``
-    for TSG, Sigmoid and ATan (which need ``h`` itself)."""
+    """The dtype memory-lean mode saves: ``uint8`` for every surrogate (see :func:`lean_shape`)."""
+    return torch.uint8
+
+
+def lean_shape(kind: int, T: int, N: int) -> Tuple[int, ...]:
+    """What memory-lean mode saves for a ``[T, N]`` call (``uint8``, docs/architecture.md):
+
+    * CFRect, ``[T, N]``: how many level windows contain ``h`` on each side (4 bits each), all its
+      backward pass needs (gradients bit-identical to the normal mode);
+    * TSG, Sigmoid, ATan, ``[T, 3, N]``: per neuron-step the index of the level nearest to ``h``
+      (a signed byte) and the offset ``d = h - level`` as IEEE binary16 (low and high byte
+      planes), from which the backward pass forms every distance ``h - level_j`` to a relative
+      ``2^-11`` (plus float32 rounding), whatever the threshold.
+
+    >>> lean_shape('rect', 5, 7), lean_shape('tsg', 5, 7)
+    ((5, 7), (5, 3, 7))
+    """
     if isinstance(kind, str):
         kind = KIND_CODES[kind]
-    return torch.uint8 if kind == KIND_CODES['rect'] else torch.float16
+    return (T, N) if kind == KIND_CODES['rect'] else (T, 3, N)
 
 
 def check_lean(kind: str, k_pos: int, k_neg: int) -> None:
-    """``ValueError`` when memory-lean CFRect cannot encode the window counts (K > 15)."""
+    """``ValueError`` when memory-lean mode cannot encode ``K`` levels (CFRect: K > 15, the
+    other surrogates: K > 127)."""
     if kind == 'rect' and (k_pos > LEAN_MAX_K or k_neg > LEAN_MAX_K):
         raise ValueError(f"memory='lean' with CFRect stores the window counts in 4 bits: k_pos "
                          f"and k_neg must be <= {LEAN_MAX_K}, got k_pos={k_pos}, k_neg={k_neg}; "
                          f"use memory='normal'")
+    if kind != 'rect' and (k_pos > LEAN_MAX_K_OFFSET or k_neg > LEAN_MAX_K_OFFSET):
+        raise ValueError(f"memory='lean' stores the index of the nearest level in a signed byte: "
+                         f"k_pos and k_neg must be <= {LEAN_MAX_K_OFFSET}, got k_pos={k_pos}, "
+                         f"k_neg={k_neg}; use memory='normal'")
 
 
 def _empty_like_none(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -105,7 +139,8 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
                       forward_impl: Callable, backward_impl: Callable,
                       recycle_h: Optional[Callable[[Tensor], None]] = None,
                       check_call: Optional[Callable[[Tensor], None]] = None,
-                      supports_lean: bool = False) -> Callable:
+                      supports_lean: bool = False,
+                      step_forward: Optional[Callable] = None) -> Callable:
     """Register ``cf_forward_<backend>`` / ``cf_backward_<backend>`` and return the backend's
     multi-step function.
 
@@ -126,8 +161,13 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
         backend cannot run.
     supports_lean : bool
         The backend implements memory-lean saving: ``forward_impl`` takes the keyword ``lean``
-        and ``backward_impl`` accepts ``h`` as ``uint8`` window codes (CFRect) or ``float16``.
+        and ``backward_impl`` accepts ``h`` in the forms of :func:`lean_shape`.
         Without it, ``memory='lean'`` runs in normal mode (the dispatcher warns).
+    step_forward : callable, optional
+        The forward body for one time step on tensors of any one shape, ``(x, v, alpha, kind,
+        k, c, theta_p, theta_n, k_pos, k_neg, save_h) -> (s, v_new, h or None)``, used by
+        CFNode's lean single-step path in eager mode (``spikingjelly_cf._step``); without it
+        that path calls ``forward_impl`` on ``[1, N]`` views.
     """
     ns = f'{NAMESPACE}::'
 
@@ -148,7 +188,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
           return_h, return_v, lean=False):
         T, N = x.shape
         if lean and supports_lean and save_h and not return_h:
-            h = x.new_empty((T, N), dtype=lean_dtype(kind))
+            h = x.new_empty(lean_shape(kind, T, N), dtype=lean_dtype(kind))
         else:
             h = (x.new_empty((T, N), dtype=torch.float32) if save_h or return_h
                  else x.new_empty((0,), dtype=torch.float32))
@@ -170,7 +210,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
     @cf_backward.register_fake
     def _(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
           k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
-        T, N = h.shape
+        T, N = h.shape[0], h.shape[-1]  # [T, N], or [T, 3, N] (memory-lean offsets)
         grad_alpha = (alpha.new_empty((T,), dtype=torch.float32) if need_grad_alpha
                       else alpha.new_empty((0,), dtype=torch.float32))
         return (h.new_empty((T, N), dtype=grad_dtype), h.new_empty((N,), dtype=grad_dtype),
@@ -205,6 +245,7 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
 
     cf_forward.register_autograd(backward, setup_context=setup_context)
     _ops[backend] = (cf_forward, cf_backward)
+    _impls[backend] = (forward_impl, backward_impl, recycle_h, supports_lean, step_forward)
 
     def cf_multi_step(x_seq: Tensor, v: Tensor, tau: float = 4 / 3, decay_input: bool = False,
                       v_threshold: float = 1.0, v_threshold_neg: Optional[float] = None,
@@ -228,15 +269,13 @@ def define_kernel_ops(backend: str, device_types: Union[str, Sequence[str]],
             call.x, call.v0, call.alpha, KIND_CODES[call.kind], call.k, call.c, call.theta_p,
             call.theta_n, call.k_pos, call.k_neg, call.detach_reset, save_h,
             bool(return_h_seq), bool(return_v_seq), lean)
-        T, tail = x_seq.shape[0], call.tail
+        T = x_seq.shape[0]
         h_seq = v_seq_out = None
         if return_h_seq:
-            h_seq = h.view(T, *tail)
-            if h_seq.dtype != x_seq.dtype:
-                h_seq = h_seq.to(x_seq.dtype)
+            h_seq = call.restore(h if h.dtype == x_seq.dtype else h.to(x_seq.dtype), T)
         if return_v_seq:
-            v_seq_out = v_seq.view(T, *tail)
-        return s.view(T, *tail), v_last.view(tail), h_seq, v_seq_out
+            v_seq_out = call.restore(v_seq, T)
+        return call.restore(s, T), call.restore(v_last, None), h_seq, v_seq_out
 
     cf_multi_step.supports_memory_lean = supports_lean
     cf_multi_step.__name__ = cf_multi_step.__qualname__ = f'cf_multi_step_{backend}'

@@ -10,7 +10,10 @@ All arithmetic is float32: half and bfloat16 tensors are loaded into float32, th
 in float32 and the pre-reset potentials the backward pass needs are kept in float32, so under
 ``torch.autocast`` a half input gives what float32 gives on the same values, rounded once at the
 output. The TSG gradient of each :math:`a_t` is reduced per thread block in shared memory and
-added with one ``atomicAdd`` per block (so its last bits may vary between runs).
+added with one ``atomicAdd`` per block (so its last bits may vary between runs): under
+``torch.use_deterministic_algorithms(True)`` that backward pass raises ``RuntimeError`` (a
+warning with ``warn_only=True``), as PyTorch's own non-deterministic ops do, and names the
+deterministic backends; ``backend='auto'`` then uses ``'triton'`` for TSG.
 
 CuPy is imported only when this backend is first used; the package works without it.
 """
@@ -155,9 +158,26 @@ def _forward(x, v0, alpha, kind, k, c, theta_p, theta_n, k_pos, k_neg, save_h, r
     return s, v_last, h, v_seq
 
 
+NONDETERMINISTIC_MESSAGE = (
+    "backend 'cupy': the gradient of TSG's a_t is summed with atomicAdd, which is not "
+    "deterministic, and torch.use_deterministic_algorithms(True) is set. Use backend='triton' "
+    "(deterministic on CUDA; backend='auto' picks it for TSG in this mode) or the reference "
+    "backend='torch', or turn determinism off for this call")
+
+
+def _alert_nondeterministic() -> None:
+    """PyTorch's convention for an op without a deterministic implementation."""
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(NONDETERMINISTIC_MESSAGE, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(NONDETERMINISTIC_MESSAGE)
+
+
 def _backward(h, alpha, grad_s, grad_h, grad_v_seq, grad_v_last, kind, k, c, theta_p, theta_n,
               k_pos, k_neg, detach_reset, need_grad_alpha, grad_dtype):
     """Backward op body: one launch of the backward kernel."""
+    if need_grad_alpha and torch.are_deterministic_algorithms_enabled():
+        _alert_nondeterministic()
     T, N = h.shape
     device = h.device
     h = h.contiguous()

@@ -9,7 +9,8 @@ CPU, Triton on CUDA). Every firing level is
 where :math:`\phi` is a primitive whose derivative is exactly the surrogate's (the bracket is 0
 in the forward pass, so the forward value is exactly :math:`H(x)`):
 
-* ``CFRect``: :math:`\phi(x) = \alpha\,x\,1[|x| < \theta/2]` with the mask not differentiated,
+* ``CFRect``: :math:`\phi(x) = \alpha_\theta\,x\,1[|x| < \theta/2]` with the mask not
+  differentiated (height :math:`\alpha_\theta` = ``alpha``, or :math:`1/\theta` of the side),
   so the window is strict, as in docs/method.md, section 2, :math:`\alpha 1[|x| < \theta/2]` (``clamp``'s gradient
   would include the edges);
 * ``TSG``: the triangle's antiderivative :math:`\Phi_{a_t}` (``surrogate._triangle_primitive``);
@@ -30,7 +31,7 @@ with ``emulate_precision_casts=True``, which turns off fused multiply-add contra
 (docs/method.md, section 6: float32 spikes equal the reference's). Surrogates other than the four above, or
 in ``spiking=False`` mode, cannot be keyed: ``backend='inductor'`` raises a ``ValueError`` naming
 the supported ones, and ``'auto'`` never picks this backend for them (it never picks it at all
-today; see the README's benchmark table).
+today; see docs/benchmarks.md).
 """
 import collections
 import itertools
@@ -63,7 +64,8 @@ DYNAMIC_N = True
 class Key(NamedTuple):
     """Everything that changes the compiled graph (one cache entry per distinct key)."""
     kind: str
-    sg_alpha: float          # CFRect/Sigmoid/ATan alpha; 0.0 for TSG (a_t is a tensor input)
+    sg_alpha: float          # CFRect/Sigmoid/ATan alpha; 0.0 for TSG (a_t is a tensor input) and
+                             # for CFRect's default height (1/theta per side)
     k: float                 # 1 - 1/tau
     c: float                 # 1/tau or 1
     theta_p: float
@@ -90,7 +92,8 @@ def _level(x: torch.Tensor, kind: str, sg_alpha: float, theta: float, a_t, grad:
         return step
     if kind == 'rect':
         mask = (x.abs() < 0.5 * theta).to(x.dtype)  # not differentiated: a strict window
-        phi = sg_alpha * x * mask
+        height = sg_alpha if sg_alpha != 0.0 else 1.0 / theta  # CFRect.height(theta)
+        phi = height * x * mask
     elif kind == 'tsg':
         phi = _triangle_primitive(x, a_t)
     elif kind == 'sigmoid':
@@ -273,8 +276,8 @@ def cf_multi_step_inductor(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 
     x, v0, alpha = call.x, call.v0, call.alpha
     req = (x.requires_grad, v0.requires_grad, call.kind == 'tsg' and alpha.requires_grad)
     grad = torch.is_grad_enabled() and any(req)
-    sg_alpha = (0.0 if call.kind == 'tsg' else
-                1.0 if surrogate_function is None else float(surrogate_function.alpha))
+    sg_alpha = getattr(surrogate_function, 'alpha', None)  # None: CFRect's default (or no sg)
+    sg_alpha = 0.0 if call.kind == 'tsg' or sg_alpha is None else float(sg_alpha)
     key = Key(kind=call.kind, sg_alpha=sg_alpha, k=call.k, c=call.c, theta_p=call.theta_p,
               theta_n=call.theta_n, k_pos=call.k_pos, k_neg=call.k_neg,
               detach_reset=call.detach_reset, T=T, return_h=bool(return_h_seq),
@@ -285,6 +288,6 @@ def cf_multi_step_inductor(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 
         torch._dynamo.mark_dynamic(x, 1)
         torch._dynamo.mark_dynamic(v0, 0)
     s, v_last, h, v_seq = fn(x, v0, alpha)
-    tail = call.tail
-    return (s.view(T, *tail), v_last.view(tail), None if h is None else h.view(T, *tail),
-            None if v_seq is None else v_seq.view(T, *tail))
+    return (call.restore(s, T), call.restore(v_last, None),
+            None if h is None else call.restore(h, T),
+            None if v_seq is None else call.restore(v_seq, T))

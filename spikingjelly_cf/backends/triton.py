@@ -276,6 +276,7 @@ def backward_impl(h: torch.Tensor, alpha: torch.Tensor, grad_s: Optional[torch.T
             _bits(grad_x), _bits(grad_v0), partial,
             T, N, float(k), float(c), float(theta_p), float(theta_n),
             _half_width(theta_p), _half_width(-theta_n),
+            _f32(1.0 / theta_p), _f32(-1.0 / theta_n),  # CFRect's default heights
             KIND=int(kind), K_POS=int(k_pos), K_NEG=int(k_neg), HAS_GS=grad_s is not None,
             HAS_GH=grad_h is not None, HAS_GVS=grad_v_seq is not None,
             HAS_GVL=grad_v_last is not None, DETACH=bool(detach_reset), NEED_GA=tsg,
@@ -285,6 +286,11 @@ def backward_impl(h: torch.Tensor, alpha: torch.Tensor, grad_s: Optional[torch.T
     elif not need_grad_alpha:
         grad_alpha = torch.empty(0, dtype=torch.float32, device=device)
     return grad_x, grad_v0, grad_alpha
+
+
+def _f32(value: float) -> float:
+    """``value`` (a double) rounded to float32, as a Python float."""
+    return float(torch.tensor(value, dtype=torch.float64).to(torch.float32))
 
 
 def _half_width(theta: float) -> float:

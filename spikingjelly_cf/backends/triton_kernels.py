@@ -137,7 +137,7 @@ def cf_forward_kernel(x_ptr, v0_ptr, lvl_p_ptr, lvl_n_ptr, s_ptr, h_ptr, vseq_pt
 @triton.jit
 def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p_ptr, lvl_n_ptr,
                        gx_ptr, gv0_ptr, ga_ptr,
-                       T, N, k, c, theta_p, theta_n, hw_p, hw_n,
+                       T, N, k, c, theta_p, theta_n, hw_p, hw_n, inv_theta_p, inv_theta_n,
                        KIND: tl.constexpr, K_POS: tl.constexpr, K_NEG: tl.constexpr,
                        HAS_GS: tl.constexpr, HAS_GH: tl.constexpr, HAS_GVS: tl.constexpr,
                        HAS_GVL: tl.constexpr, DETACH: tl.constexpr, NEED_GA: tl.constexpr,
@@ -145,7 +145,8 @@ def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p
     """Backward in reverse time for BLOCK neurons (cf_backward_step_k / cf_backward_combine).
 
     h: [T, N] float32; grad_s, grad_h, grad_v_seq: [T, N] (read only when HAS_*); grad_v_last
-    [N]; alpha [T] float32. Writes grad_x [T, N], grad_v0 [N] and, for TSG with NEED_GA, this
+    [N]; alpha [T] float32 (0 for CFRect's default heights inv_theta_p / inv_theta_n, the
+    float32 1/theta of each side: cf_side_alpha_pos / _neg). Writes grad_x [T, N], grad_v0 [N] and, for TSG with NEED_GA, this
     program's partial sums of dL/da_t into row ``pid`` of ga [num_programs, T] (summed on the host
     afterwards: deterministic, no atomics)."""
     pid = tl.program_id(0)
@@ -160,6 +161,12 @@ def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p
         base = t.to(tl.int64) * N + offs
         h = tl.load(h_ptr + base, mask=mask, other=0.0)
         a = tl.load(alpha_ptr + t)
+        if KIND == 0:  # CFRect: its height per side (cf_side_alpha_pos / _neg)
+            a_p = tl.where(a == 0.0, inv_theta_p, a)
+            a_n = tl.where(a == 0.0, inv_theta_n, a)
+        else:
+            a_p = a
+            a_n = a
         if HAS_GS:
             g_s = _load_f32(gs_ptr + base, mask, BF16)
         else:
@@ -174,12 +181,12 @@ def cf_backward_kernel(h_ptr, gs_ptr, gh_ptr, gvs_ptr, gvl_ptr, alpha_ptr, lvl_p
         p_n = tl.full((BLOCK,), 0.0, tl.float32)
         for j in tl.static_range(K_POS):
             xd = h - tl.load(lvl_p_ptr + j)
-            s_p += _surrogate_grad(KIND, xd, a, hw_p)
+            s_p += _surrogate_grad(KIND, xd, a_p, hw_p)
             if KIND == 1:
                 p_p += _tsg_psi(xd, a)
         for j in tl.static_range(K_NEG):
             xd = tl.load(lvl_n_ptr + j) - h
-            s_n += _surrogate_grad(KIND, xd, a, hw_n)
+            s_n += _surrogate_grad(KIND, xd, a_n, hw_n)
             if KIND == 1:
                 p_n += _tsg_psi(xd, a)
         if DETACH:

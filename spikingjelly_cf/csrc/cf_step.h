@@ -44,12 +44,16 @@
 #endif
 
 /* Surrogate kinds (backends/source.py and backends/cpp.py use the same numbers). */
-#define CF_RECT 0    /* CFRect, Eq. 14: alpha * 1[|x| < theta/2]                    */
+#define CF_RECT 0    /* CFRect, Eq. 14: height * 1[|x| < theta/2] (cf_rect_height_*)   */
 #define CF_TSG 1     /* TSG, Eq. 15-17: max(0, a * (1 - a|x|)), a learnable per step  */
 #define CF_SIGMOID 2 /* SpikingJelly Sigmoid: alpha * sig(alpha x) * (1 - sig(alpha x)) */
 #define CF_ATAN 3    /* SpikingJelly ATan: alpha / 2 / (1 + (pi/2 * alpha * x)^2)       */
 
 #define CF_PI_2 1.57079632679489661923f
+
+/* CFRect's alpha for its default height (docs/method.md, section 2): 1/theta_p on positive levels,
+ * 1/|theta_n| on negative ones.  Any alpha > 0 is the height on both sides. */
+#define CF_RECT_DEFAULT_HEIGHT 0.0f
 
 /* Everything that is constant over a call. */
 typedef struct cf_params {
@@ -59,6 +63,8 @@ typedef struct cf_params {
     float theta_n;    /* float32(theta_n) < 0                                  */
     double theta_p_d; /* the same thresholds in double, to round the levels    */
     double theta_n_d;
+    float inv_theta_p; /* float32(1 / theta_p), float32(1 / |theta_n|) in double: CFRect's     */
+    float inv_theta_n; /* default heights, rounded like PyTorch's tensor-times-Python-float  */
     int k_pos;        /* K_P >= 1 */
     int k_neg;        /* K_N >= 0 */
     int detach_reset; /* 1: d v / d h = 1 in the backward pass                 */
@@ -76,6 +82,8 @@ CF_HD cf_params cf_make_params(float k, float c, double theta_p, double theta_n,
     p.theta_n = (float)theta_n;
     p.theta_p_d = theta_p;
     p.theta_n_d = theta_n;
+    p.inv_theta_p = (float)(1.0 / theta_p);
+    p.inv_theta_n = (float)(-1.0 / theta_n);
     p.k_pos = k_pos;
     p.k_neg = k_neg;
     p.detach_reset = detach_reset;
@@ -88,9 +96,20 @@ CF_HD float cf_level(int j, double theta_d)
     return (float)((double)j * theta_d);
 }
 
+/* The alpha cf_surrogate_grad takes on each side: for CFRect its height there (the given
+ * alpha, or by default 1/theta of that side), for the other kinds alpha itself. */
+CF_HD float cf_side_alpha_pos(int kind, float alpha, const cf_params *p)
+{
+    return (kind == CF_RECT && alpha == CF_RECT_DEFAULT_HEIGHT) ? p->inv_theta_p : alpha;
+}
+CF_HD float cf_side_alpha_neg(int kind, float alpha, const cf_params *p)
+{
+    return (kind == CF_RECT && alpha == CF_RECT_DEFAULT_HEIGHT) ? p->inv_theta_n : alpha;
+}
+
 /* Surrogate derivative g(x) of H at x = signed distance past one level.
- * half_width is theta/2 of that side (only CFRect uses it); alpha is the
- * surrogate's alpha, or a_t for TSG. */
+ * half_width is theta/2 of that side (only CFRect uses it); alpha is that side's
+ * cf_side_alpha_*: CFRect's height, the surrogate's alpha, or a_t for TSG. */
 CF_HD float cf_surrogate_grad(int kind, float x, float alpha, float half_width)
 {
     float ax = fabsf(x);
@@ -172,7 +191,8 @@ CF_HD cf_fwd_out cf_forward_step(float v_prev, float x, const cf_params *p)
 
 /* ----------------------------------------------------------------- backward */
 /* Per level: x = h - level (positive side) or level - h (negative side);
- *   Sp = sum_j g(x_pos_j), Sn = sum_j g(x_neg_j)      (half width theta/2 per side)
+ *   Sp = sum_j g(x_pos_j), Sn = sum_j g(x_neg_j)      (half width theta/2 and, for CFRect,
+ *                                                      height cf_side_alpha_* per side)
  *   Pp = sum_j psi(x_pos_j; a_t), Pn = sum_j psi(x_neg_j; a_t)      (TSG only)
  * then cf_backward_combine turns the four sums into the gradients. */
 
@@ -210,23 +230,25 @@ CF_HD cf_bwd_out cf_backward_combine(int kind, float sp, float sn, float pp, flo
     return o;
 }
 
-/* One reverse step of one neuron at time t (alpha = a_t for TSG) with K_P = k_pos,
- * K_N = k_neg.  kind is a compile-time constant in every caller, so the branches fold. */
+/* One reverse step of one neuron at time t (alpha = a_t for TSG, CF_RECT_DEFAULT_HEIGHT for
+ * CFRect's default) with K_P = k_pos, K_N = k_neg.  kind is a compile-time constant in every
+ * caller, so the branches fold. */
 CF_HD cf_bwd_out cf_backward_step_k(int kind, float h, float grad_s, float gv_tot, float grad_h,
                                     float alpha, const cf_params *p, int k_pos, int k_neg)
 {
     float sp = 0.0f, sn = 0.0f, pp = 0.0f, pn = 0.0f;
     const float hw_p = cf_half_width_pos(p), hw_n = cf_half_width_neg(p);
+    const float al_p = cf_side_alpha_pos(kind, alpha, p), al_n = cf_side_alpha_neg(kind, alpha, p);
     int j;
     for (j = 1; j <= k_pos; ++j) {
         float xd = cf_dist_pos(h, cf_level(j, p->theta_p_d));
-        sp += cf_surrogate_grad(kind, xd, alpha, hw_p);
+        sp += cf_surrogate_grad(kind, xd, al_p, hw_p);
         if (kind == CF_TSG)
             pp += cf_tsg_psi(xd, alpha);
     }
     for (j = 1; j <= k_neg; ++j) {
         float xd = cf_dist_neg(h, cf_level(j, p->theta_n_d));
-        sn += cf_surrogate_grad(kind, xd, alpha, hw_n);
+        sn += cf_surrogate_grad(kind, xd, al_n, hw_n);
         if (kind == CF_TSG)
             pn += cf_tsg_psi(xd, alpha);
     }
@@ -246,14 +268,21 @@ CF_HD cf_bwd_out cf_backward_step(int kind, float h, float grad_s, float gv_tot,
  *   - CFRect needs only how many levels' windows |x| < theta/2 contain h, on
  *     each side: one byte, the positive count in the low nibble and the
  *     negative count in the high nibble (K_P, K_N <= 15).  The backward pass
- *     then adds alpha that many times, which is exactly the float32 sum
- *     cf_backward_step_k forms (the other levels add 0.0f), so the gradients
- *     are bit-identical.
- *   - The smooth surrogates (TSG, Sigmoid, ATan) need h itself: it is stored
- *     as IEEE half (binary16, round to nearest even, saturating to +-inf
- *     beyond 65504, where every surrogate is 0) and widened in the backward
- *     pass, which then runs the ordinary float32 arithmetic on it. */
+ *     then adds each side's height that many times, which is exactly the
+ *     float32 sum cf_backward_step_k forms (the other levels add 0.0f), so the
+ *     gradients are bit-identical.
+ *   - The smooth surrogates (TSG, Sigmoid, ATan) need the distances x of h to
+ *     the levels, whose windows are absolute (about 1/a wide): h itself in
+ *     16 bits would lose them at large thresholds (float16 keeps h to 2^-11 of
+ *     |h|, i.e. 5 at h = 1e4).  So three bytes are kept: the index m of the
+ *     level nearest to h (the rest point 0 counts as level 0; a signed byte,
+ *     K_P, K_N <= 127) and the offset d = h - level_m as IEEE half (binary16,
+ *     round to nearest even).  The backward pass forms every distance from
+ *     them, x = (level_m - level_j) + d (cf_dist_*_offset), so each x is
+ *     within 2^-11 |d| <= 2^-11 |x| (plus float32 rounding) of the normal
+ *     mode's h - level_j, for any threshold. */
 #define CF_LEAN_MAX_K 15
+#define CF_LEAN_MAX_K_OFFSET 127
 
 /* The window code of h (CFRect): low nibble positive windows, high nibble negative ones. */
 CF_HD unsigned char cf_window_code_k(float h, const cf_params *p, int k_pos, int k_neg)
@@ -268,16 +297,17 @@ CF_HD unsigned char cf_window_code_k(float h, const cf_params *p, int k_pos, int
     return (unsigned char)(cp | (cn << 4));
 }
 
-/* Sp and Sn of CFRect from a window code: alpha added once per window, as cf_backward_step_k
- * adds it (in-window levels add alpha, the others 0.0f, which changes nothing). */
-CF_HD void cf_rect_sums_from_code(unsigned char code, float alpha, float *sp, float *sn)
+/* Sp and Sn of CFRect from a window code: each side's height added once per window, as
+ * cf_backward_step_k adds it (in-window levels add it, the others 0.0f, which changes nothing). */
+CF_HD void cf_rect_sums_from_code(unsigned char code, float height_p, float height_n, float *sp,
+                                  float *sn)
 {
     unsigned int cp = code & 15u, cn = (unsigned int)code >> 4;
     float a = 0.0f, b = 0.0f;
     for (; cp; --cp)
-        a += alpha;
+        a += height_p;
     for (; cn; --cn)
-        b += alpha;
+        b += height_n;
     *sp = a;
     *sn = b;
 }
@@ -288,7 +318,8 @@ CF_HD cf_bwd_out cf_backward_step_code(unsigned char code, float grad_s, float g
                                        float grad_h, float alpha, const cf_params *p)
 {
     float sp, sn;
-    cf_rect_sums_from_code(code, alpha, &sp, &sn);
+    cf_rect_sums_from_code(code, cf_side_alpha_pos(CF_RECT, alpha, p),
+                           cf_side_alpha_neg(CF_RECT, alpha, p), &sp, &sn);
     return cf_backward_combine(CF_RECT, sp, sn, 0.0f, 0.0f, grad_s, gv_tot, grad_h, p);
 }
 
@@ -297,64 +328,114 @@ typedef union cf_f32_bits {
     unsigned int u;
 } cf_f32_bits;
 
-/* float32 -> IEEE binary16 bits, round to nearest even (what torch's .half() does). */
+/* float32 -> IEEE binary16 bits, round to nearest even: PyTorch's own scalar conversion
+ * (c10::detail::fp16_ieee_from_fp32_value, after FP16 by M. Dukhan): the rounding is done by a
+ * float32 addition, so there is no branch and a loop of it vectorises.  NaN -> 0x7e00 | sign. */
 CF_HD unsigned short cf_float_to_half_bits(float f)
 {
-    cf_f32_bits in;
-    unsigned int x, sign, mag;
-    in.f = f;
-    x = in.u;
-    sign = (x >> 16) & 0x8000u;
-    mag = x & 0x7fffffffu;
-    if (mag >= 0x7f800000u) /* inf or nan (nan keeps a quiet payload bit) */
-        return (unsigned short)(sign | 0x7c00u | (mag > 0x7f800000u ? 0x200u : 0u));
-    if (mag >= 0x477ff000u) /* rounds to >= 65520: overflow to inf */
-        return (unsigned short)(sign | 0x7c00u);
-    if (mag < 0x38800000u) { /* below 2^-14: a subnormal half (or zero) */
-        unsigned int shift, mant, half, rest, halfway;
-        if (mag < 0x33000000u) /* below 2^-25: rounds to zero */
-            return (unsigned short)sign;
-        shift = 126u - (mag >> 23); /* value / 2^-24 = mant * 2^-shift, shift in 14..24 */
-        mant = (mag & 0x7fffffu) | 0x800000u;
-        half = mant >> shift;
-        rest = mant & ((1u << shift) - 1u);
-        halfway = 1u << (shift - 1u);
-        if (rest > halfway || (rest == halfway && (half & 1u)))
-            half += 1u; /* 0x400 is the smallest normal half: still the right bits */
-        return (unsigned short)(sign | half);
-    }
-    {
-        /* normal: rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits */
-        unsigned int h = ((mag - 0x38000000u) >> 13);
-        const unsigned int rest = mag & 0x1fffu;
-        if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
-            h += 1u; /* a carry into the exponent is the correct rounding */
-        return (unsigned short)(sign | h);
-    }
+    cf_f32_bits w, b, base;
+    unsigned int shl1_w, sign, bias, exp_bits, mantissa_bits, nonsign;
+    w.f = f;
+    /* |f| * 2^112 * 2^-110: overflow to inf beyond the half range, else |f| * 4 */
+    base.f = (fabsf(f) * 5.192296858534827628530496329220096e+33f) *
+             7.703719777548943412223911770339877e-34f;
+    shl1_w = w.u + w.u;
+    sign = w.u & 0x80000000u;
+    bias = shl1_w & 0xff000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    b.u = (bias >> 1) + 0x07800000u;
+    base.f = b.f + base.f; /* rounds the mantissa to 10 bits (nearest even) */
+    exp_bits = (base.u >> 13) & 0x00007c00u;
+    mantissa_bits = base.u & 0x00000fffu;
+    nonsign = exp_bits + mantissa_bits;
+    return (unsigned short)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
 }
 
-/* IEEE binary16 bits -> float32 (exact). */
+/* IEEE binary16 bits -> float32 (exact; selects only, so a loop of it vectorises). */
 CF_HD float cf_half_bits_to_float(unsigned short hbits)
 {
-    cf_f32_bits out;
+    cf_f32_bits out, sub;
     const unsigned int sign = ((unsigned int)hbits & 0x8000u) << 16;
     const unsigned int e = ((unsigned int)hbits >> 10) & 0x1fu;
-    unsigned int m = (unsigned int)hbits & 0x3ffu;
-    if (e == 0x1fu) {
-        out.u = sign | 0x7f800000u | (m << 13);
-    } else if (e != 0u) {
-        out.u = sign | ((e + 112u) << 23) | (m << 13);
-    } else if (m == 0u) {
-        out.u = sign;
-    } else { /* subnormal half: normalise */
-        unsigned int ee = 113u;
-        while (!(m & 0x400u)) {
-            m <<= 1;
-            --ee;
-        }
-        out.u = sign | (ee << 23) | ((m & 0x3ffu) << 13);
-    }
+    const unsigned int m = (unsigned int)hbits & 0x3ffu;
+    sub.f = (float)m * 5.9604644775390625e-8f; /* subnormal half: m * 2^-24, exact in float32 */
+    out.u = e == 0x1fu ? (0x7f800000u | (m << 13))                /* inf, nan */
+            : e != 0u  ? (((e + 112u) << 23) | (m << 13))          /* normal: rebias 15 -> 127 */
+                       : sub.u;                                     /* zero, subnormal */
+    out.u |= sign;
     return out.f;
+}
+
+/* bfloat16 bits -> float32 (exact) and float32 -> bfloat16 bits, round to nearest even with
+ * NaN -> 0x7fc0 (what PyTorch's float -> bfloat16 conversion does). */
+CF_HD float cf_bf16_bits_to_float(unsigned short bbits)
+{
+    cf_f32_bits out;
+    out.u = (unsigned int)bbits << 16;
+    return out.f;
+}
+
+CF_HD unsigned short cf_float_to_bf16_bits(float f)
+{
+    cf_f32_bits in;
+    in.f = f;
+    return (in.u & 0x7fffffffu) > 0x7f800000u
+               ? (unsigned short)0x7fc0u
+               : (unsigned short)((in.u + 0x7fffu + ((in.u >> 16) & 1u)) >> 16);
+}
+
+/* Memory-lean smooth surrogates: the index of the level nearest to h, in [-k_neg, k_pos]
+ * (positive levels 1..k_pos, negative levels -1..-k_neg, 0 the rest point 0; NaN gives 0).
+ * Any index would do (the distances are formed from it exactly); the nearest keeps |d| small. */
+CF_HD int cf_nearest_level(float h, const cf_params *p, int k_pos, int k_neg)
+{
+    const int pos = h >= 0.0f;
+    const float q = (pos ? h * p->inv_theta_p : -h * p->inv_theta_n) + 0.5f;
+    const int kmax = pos ? k_pos : k_neg;
+    const int m = q >= 1.0f ? (q < (float)kmax ? (int)q : kmax) : 0; /* NaN: 0 */
+    return pos ? m : -m;
+}
+
+/* Level m as a signed index: cf_level(m, theta_p) for m > 0, cf_level(-m, theta_n) (< 0) for
+ * m < 0, 0 for m = 0 (one product in double, then rounded: no branch). */
+CF_HD float cf_signed_level(int m, const cf_params *p)
+{
+    return (float)((double)m * (m >= 0 ? p->theta_p_d : -p->theta_n_d));
+}
+
+/* The distances of cf_dist_pos / cf_dist_neg from (level_m, d = h - level_m). */
+CF_HD float cf_dist_pos_offset(float lm, float d, float level)
+{
+    return CF_ADD(CF_SUB(lm, level), d);
+}
+CF_HD float cf_dist_neg_offset(float lm, float d, float level)
+{
+    return CF_SUB(CF_SUB(level, lm), d);
+}
+
+/* One reverse step of one neuron from (level_m, d): cf_backward_step_k with the distances
+ * formed by cf_dist_*_offset. */
+CF_HD cf_bwd_out cf_backward_step_offset_k(int kind, float lm, float d, float grad_s,
+                                           float gv_tot, float grad_h, float alpha,
+                                           const cf_params *p, int k_pos, int k_neg)
+{
+    float sp = 0.0f, sn = 0.0f, pp = 0.0f, pn = 0.0f;
+    const float hw_p = cf_half_width_pos(p), hw_n = cf_half_width_neg(p);
+    const float al_p = cf_side_alpha_pos(kind, alpha, p), al_n = cf_side_alpha_neg(kind, alpha, p);
+    int j;
+    for (j = 1; j <= k_pos; ++j) {
+        float xd = cf_dist_pos_offset(lm, d, cf_level(j, p->theta_p_d));
+        sp += cf_surrogate_grad(kind, xd, al_p, hw_p);
+        if (kind == CF_TSG)
+            pp += cf_tsg_psi(xd, alpha);
+    }
+    for (j = 1; j <= k_neg; ++j) {
+        float xd = cf_dist_neg_offset(lm, d, cf_level(j, p->theta_n_d));
+        sn += cf_surrogate_grad(kind, xd, al_n, hw_n);
+        if (kind == CF_TSG)
+            pn += cf_tsg_psi(xd, alpha);
+    }
+    return cf_backward_combine(kind, sp, sn, pp, pn, grad_s, gv_tot, grad_h, p);
 }
 
 #endif /* SPIKINGJELLY_CF_STEP_H */

@@ -18,6 +18,23 @@ uniform. SpikingJelly's own op counter treats non-binary spikes as MACs, hence t
 Conventions: ``FLOPs`` are multiply-accumulates (MACs) of one forward pass, bias additions
 not counted (as in the paper's Table X and SpikingJelly's counter); counts include the
 kernel taps that fall on zero padding.
+
+Average pooling between spikes and a synaptic layer (``AvgPool -> Conv``,
+``AvgPool -> Flatten -> Linear``, ``AdaptiveAvgPool``) makes the layer's input non-integer, but
+pooling is linear: the layer and the pool before it form one linear map of the pre-pool spikes
+(the pool folded into the weights; ``pool -> conv`` is a convolution with a larger kernel and
+stride). :func:`pooled_synaptic_operations` counts the layer as spike-driven over the pre-pool
+spikes: each spike of magnitude :math:`m` costs :math:`m` operations per output of the folded map
+it reaches,
+
+.. math::
+
+    \text{SOPs} = \sum_{\text{pre-pool elements } i} |s_i| \cdot
+    \bigl|\{\text{outputs } o : o \text{ depends on } i\}\bigr|,
+
+so for non-overlapping pools a spike costs what one spike at its pooled position would cost
+the layer, and for overlapping windows a pre-pool element that lies in several windows still
+reaches each output once.
 """
 import math
 from typing import Sequence, Union
@@ -29,7 +46,7 @@ import torch.nn.functional as F
 __all__ = [
     'E_SOP', 'E_MAC', 'E_FLOP_ANN', 'SYNAPTIC_LAYER_TYPES', 'is_synaptic_layer', 'is_spike_valued',
     'synaptic_flops', 'synaptic_operations', 'firing_rate', 'sops_estimate', 'snn_energy',
-    'mac_energy', 'ann_energy',
+    'mac_energy', 'ann_energy', 'AVERAGE_POOL_TYPES', 'pooled_synaptic_operations',
 ]
 
 #: Energy per synaptic operation, 77 fJ (Eq. 27).
@@ -45,6 +62,13 @@ E_FLOP_ANN = 12.5e-12
 #: subclass these, so they are counted too.
 SYNAPTIC_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
+#: Average pooling layers (SpikingJelly's ``layer.AvgPool*`` / ``layer.AdaptiveAvgPool*``
+#: subclass them) that :func:`pooled_synaptic_operations` folds into the next synaptic layer.
+AVERAGE_POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                      nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+_POOL_DIMS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+              nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -285,3 +309,142 @@ def ann_energy(flops: float, e_flop: float = E_FLOP_ANN) -> float:
     0.0125
     """
     return float(flops) * e_flop
+
+
+# ----------------------------------------------------------------------------------------------
+# average pooling folded into the next synaptic layer
+# ----------------------------------------------------------------------------------------------
+def _pool_dims(pool: nn.Module) -> int:
+    for cls, dims in _POOL_DIMS.items():
+        if isinstance(pool, cls):
+            return dims
+    raise TypeError(f'pool must be one of {[t.__name__ for t in AVERAGE_POOL_TYPES]} (or a '
+                    f'subclass such as spikingjelly layer.AvgPool2d), got {type(pool).__name__}')
+
+
+def _per_dim(value, dims: int, d: int):
+    if isinstance(value, (tuple, list)):
+        return value[d] if len(value) == dims else value[0]
+    return value
+
+
+def _connections(pool_or_conv, eye: torch.Tensor, d: int, dims: int) -> torch.Tensor:
+    """Which outputs of dimension ``d`` of a pool or convolution depend on which inputs: a bool
+    ``[L_out, L_in]`` from the 1-D version of the layer applied to the identity."""
+    m = pool_or_conv
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        size = _per_dim(m.output_size, dims, d)
+        out = F.adaptive_avg_pool1d(eye, eye.shape[-1] if size is None else int(size))
+    elif isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        stride = m.stride if m.stride is not None else m.kernel_size
+        out = F.avg_pool1d(eye, int(_per_dim(m.kernel_size, dims, d)), int(_per_dim(stride, dims, d)),
+                           int(_per_dim(m.padding, dims, d)), bool(m.ceil_mode), True)
+    else:  # a convolution: its taps as a ones kernel
+        padding = m.padding
+        if m.padding_mode != 'zeros':
+            pads = m._reversed_padding_repeated_twice
+            i = 2 * (dims - 1 - d)
+            eye = F.pad(eye, (pads[i], pads[i + 1]), mode=m.padding_mode)
+            padding = 0
+        elif not isinstance(padding, str):
+            padding = int(padding[d])
+        ones = torch.ones(1, 1, m.kernel_size[d], dtype=eye.dtype, device=eye.device)
+        out = F.conv1d(eye, ones, None, m.stride[d], padding, m.dilation[d])
+    return out[:, 0, :].t() > 0
+
+
+def _fold(pool: nn.Module, module: nn.Module, in_shape) -> torch.Tensor:
+    """Fan-out of every pre-pool position through ``module`` after ``pool``: a float64 tensor of
+    the pooled dimensions' shape (the same for every channel). ``in_shape`` is the pre-pool
+    shape ``[..., C, *spatial]``. Raises ``ValueError`` when the pair cannot be folded."""
+    dims = _pool_dims(pool)
+    _check_layer(module)
+    if len(in_shape) < dims + 1:
+        raise ValueError(f'{type(pool).__name__} input {tuple(in_shape)} has no channel dimension')
+    channels, spatial = int(in_shape[-dims - 1]), [int(v) for v in in_shape[-dims:]]
+    counts, pooled = [], []
+    for d, length in enumerate(spatial):
+        eye = torch.eye(length, dtype=torch.float64).unsqueeze(1)
+        p = _connections(pool, eye, d, dims)                      # [L_pooled, L]
+        pooled.append(p.shape[0])
+        counts.append(p)
+    conv_dims = _conv_dims(module)
+    if conv_dims == 0:  # Linear over the flattened pooled sample
+        if module.in_features != channels * math.prod(pooled):
+            raise ValueError(f'{type(module).__name__}(in_features={module.in_features}) does not read '
+                             f'the whole flattened output of {type(pool).__name__} ({channels} '
+                             f'channels x {pooled})')
+        per_dim = [p.any(0).to(torch.float64) for p in counts]
+        mult = module.out_features
+    else:
+        if conv_dims != dims:
+            raise ValueError(f'{type(module).__name__} after {type(pool).__name__}: different '
+                             f'numbers of spatial dimensions')
+        if module.in_channels != channels:
+            raise ValueError(f'{type(module).__name__}(in_channels={module.in_channels}) after '
+                             f'{type(pool).__name__} with {channels} channels')
+        per_dim = []
+        for d, p in enumerate(counts):
+            eye = torch.eye(p.shape[0], dtype=torch.float64).unsqueeze(1)
+            c = _connections(module, eye, d, dims)                # [L_out, L_pooled]
+            per_dim.append(((c.to(torch.float64) @ p.to(torch.float64)) > 0).sum(0).to(torch.float64))
+        mult = module.out_channels // module.groups
+    weight = per_dim[0]
+    for w in per_dim[1:]:
+        weight = weight.unsqueeze(-1) * w
+    return weight * mult
+
+
+def pooled_synaptic_operations(pool: nn.Module, module: nn.Module, s: torch.Tensor):
+    r"""Exact synaptic operations of ``module`` fed with ``pool(s)``, counted over the pre-pool
+    spikes ``s`` with the pool folded into the layer's weights (docs/method.md, section 4).
+
+    .. math::
+
+        \text{SOPs} = \sum_i |s_i| \cdot \text{fan-out}_{\text{module} \circ \text{pool}}(i)
+
+    where the fan-out of a pre-pool element is the number of the layer's outputs that depend on
+    it (a spike reaches each output of the folded map once, even when overlapping windows
+    contain it several times).
+
+    Parameters
+    ----------
+    pool : nn.Module
+        An average pooling layer (:data:`AVERAGE_POOL_TYPES` or a subclass), pooling the last
+        1, 2 or 3 dimensions.
+    module : nn.Module
+        The synaptic layer that reads the pool's output: a convolution with as many spatial
+        dimensions, or a ``Linear`` over the flattened pooled sample (``Flatten`` in between).
+    s : torch.Tensor
+        The pool's input, ``[..., C, *spatial]`` (any leading dimensions: batch, time).
+
+    Returns
+    -------
+    (torch.Tensor, int)
+        The SOPs of this call (scalar float64 tensor on ``s``'s device), and the MACs of the
+        folded map per leading index (sample-step): its synapses, for Eq. 26's estimate.
+
+    Raises
+    ------
+    ValueError
+        When the layer does not read the pool's output as a whole (channels, dimensions or
+        ``in_features`` that do not match).
+
+    Examples
+    --------
+    >>> s = torch.zeros(1, 1, 4, 4); s[0, 0, 0, 0] = 2.; s[0, 0, 3, 3] = -1.
+    >>> pool, fc = nn.AvgPool2d(2), nn.Linear(4, 5)   # after Flatten: 1 channel x 2 x 2
+    >>> sops, macs = pooled_synaptic_operations(pool, fc, s)
+    >>> float(sops), macs    # (2 + 1) spikes x 5 outputs; 16 inputs x 5 outputs
+    (15.0, 80)
+    """
+    with torch.no_grad():
+        fan_out = _fold(pool, module, tuple(s.shape))
+        dims = _pool_dims(pool)
+        a = s.detach().abs()
+        if not a.is_floating_point() or a.dtype in (torch.float16, torch.bfloat16):
+            a = a.float()
+        per_position = a.sum(dim=tuple(range(a.dim() - dims)), dtype=torch.float64)
+        sops = (per_position * fan_out.to(per_position.device)).sum()
+        macs = int(s.shape[-dims - 1]) * int(round(float(fan_out.sum())))
+    return sops, macs

@@ -2,7 +2,7 @@ r"""Multi-step functions of the circulate-firing neuron (docs/method.md, section
 
 :func:`cf_multi_step` runs a call on the backend that :func:`resolve_backend` picks (the
 fastest that can run it: ``'cupy'``, else ``'triton'`` on CUDA, the compiled ``'cpp'`` kernel on
-CPU float32, the reference ``'torch'`` otherwise). The pure-PyTorch reference
+CPU float32/float16/bfloat16, the reference ``'torch'`` otherwise). The pure-PyTorch reference
 :func:`cf_multi_step_ref`, the oracle of every test, lives in
 :mod:`spikingjelly_cf.backends.reference` and is re-exported here.
 """
@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backends as _backends
+from .._compat import assume_constant_result
 from .._validation import check_cf_parameters, check_tensors
 from ..backends._ops import MEMORY_MODES
 from ..backends.reference import cf_multi_step_ref
@@ -29,7 +30,7 @@ Result = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torc
 _warned = set()
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _warn_once(key: str, message: str) -> bool:
     """Warn once per key. A constant for ``torch.compile``: Dynamo runs it once while tracing
     (so the warning is still shown) instead of breaking the graph on ``warnings.warn``."""
@@ -39,15 +40,27 @@ def _warn_once(key: str, message: str) -> bool:
     return True
 
 
-def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0) -> str:
+def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_start: int = 0,
+                    *, k_pos: int = 2, k_neg: int = 2, detach_reset: bool = False) -> str:
     """The backend that will run this call (a name of :data:`BACKENDS` other than ``'auto'``).
 
     ``'auto'`` (or ``None``) tries the kernel backends of ``backends.AUTO_ORDER`` for the
     tensor's device type (CPU: ``'cpp'``; CUDA: ``'cupy'``, then ``'triton'``) and takes the first
     that is available and runs the dtype and the surrogate; otherwise the reference ``'torch'``,
-    with a one-time warning when a kernel was expected (float32/half) but cannot run. An explicit
+    with a one-time warning when a kernel was expected (float32/float16/bfloat16) but cannot run.
+    float64 runs on the reference without a word under ``'auto'``: no kernel computes in float64,
+    and float64 is what the reference is for (``gradcheck``, numerical checks). An explicit
     kernel backend that cannot run the call raises a clear error, except for dtypes the kernel
-    does not cover, which use the reference.
+    does not cover (float64), which use the reference with a one-time ``RuntimeWarning``.
+
+    Kernels compiled at run time (``backends.RUNTIME_COMPILED``: ``'cupy'``, ``'triton'``) must
+    first pass their first-use check for the key ``(device, dtype, surrogate kind, k_pos, k_neg,
+    detach_reset)`` (``backends.first_use_check``: once per key and process, against the
+    reference; ``SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK=1`` skips it). ``'auto'`` passes over a
+    kernel that failed it, with a one-time warning, and an explicit ``backend=`` raises
+    ``RuntimeError`` with the same message. Under ``torch.use_deterministic_algorithms(True)``
+    ``'auto'`` also passes over a kernel that is not deterministic for the surrogate
+    (``backends.deterministic_ok``: CuPy's TSG gradient).
     """
     if backend is None:
         backend = 'auto'
@@ -55,11 +68,12 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if backend == 'torch':
         return 'torch'
-    supported_sg = kernel_kind(surrogate_function) is not None
+    kind = kernel_kind(surrogate_function)
+    supported_sg = kind is not None
     device_type = x_seq.device.type
     if backend == 'auto':
         candidates = [name for name in _backends.AUTO_ORDER.get(device_type, ())
-                      if x_seq.dtype in _backends.KERNEL_BACKENDS[name].get(device_type, ())]
+                      if x_seq.dtype in _backends.kernel_dtypes(name, device_type)]
         if not candidates:
             return 'torch'
         if not supported_sg:
@@ -68,14 +82,32 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
                        f'spiking mode; {type(surrogate_function).__name__} runs on the reference '
                        f"'torch' backend (slower).")
             return 'torch'
+        nondeterministic = None
         for name in candidates:
-            if _backends.is_available(name):
-                return name
+            if not _backends.is_available(name):
+                continue
+            if not _backends.deterministic_ok(name, kind):
+                nondeterministic = name
+                continue
+            failure = _backends.first_use_check(name, x_seq.device, x_seq.dtype, kind, k_pos,
+                                                k_neg, detach_reset)
+            if failure:
+                _warn_once(f'first-use-{failure}',
+                           f"CFNode: {failure}. backend='auto' does not use {name!r} for this "
+                           f"configuration in this process.")
+                continue
+            return name
         name = candidates[0]
-        _warn_once(f'unavailable-{name}',
-                   f"CFNode: backend '{name}' is unavailable "
-                   f"({_backends.unavailable_reason(name)}); "
-                   f"using the reference 'torch' backend (slower).")
+        if not _backends.is_available(name):
+            _warn_once(f'unavailable-{name}',
+                       f"CFNode: backend '{name}' is unavailable "
+                       f"({_backends.unavailable_reason(name)}); "
+                       f"using the reference 'torch' backend (slower).")
+        elif nondeterministic is not None:
+            _warn_once(f'nondeterministic-{nondeterministic}-{kind}',
+                       f"CFNode: backend {nondeterministic!r} is not deterministic for "
+                       f"{type(surrogate_function).__name__} and torch.use_deterministic_algorithms"
+                       f"(True) is set; using the reference 'torch' backend (slower).")
         return 'torch'
     # explicit kernel backend
     table = _backends.KERNEL_BACKENDS[backend]
@@ -89,9 +121,23 @@ def resolve_backend(backend: str, x_seq: torch.Tensor, surrogate_function, t_sta
     if not _backends.is_available(backend):
         raise RuntimeError(f'backend={backend!r} is unavailable: '
                            f'{_backends.unavailable_reason(backend)}')
-    if x_seq.dtype not in dtypes:
-        return 'torch'  # dtypes the kernel does not cover use the reference
+    if x_seq.dtype not in dtypes:  # dtypes the kernel does not cover use the reference
+        _warn_once(f'dtype-{backend}-{x_seq.dtype}',
+                   f"CFNode: backend={backend!r} runs {', '.join(_dtype_names(dtypes))} on "
+                   f"{device_type}, not {_dtype_names((x_seq.dtype,))[0]}; using the reference "
+                   f"'torch' backend (slower).")
+        return 'torch'
+    failure = _backends.first_use_check(backend, x_seq.device, x_seq.dtype, kind, k_pos, k_neg,
+                                        detach_reset)
+    if failure:
+        raise RuntimeError(f'{failure}. Use another backend (or backend=\'auto\', which passes '
+                           f'over it), or set SPIKINGJELLY_CF_DISABLE_FIRST_USE_CHECK=1 to use it '
+                           f'anyway.')
     return backend
+
+
+def _dtype_names(dtypes) -> Tuple[str, ...]:
+    return tuple(str(d).replace('torch.', '') for d in dtypes)
 
 
 def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
@@ -103,12 +149,13 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
     r"""Multi-step CF neuron on the chosen backend; same arguments and results as
     :func:`cf_multi_step_ref` plus ``backend`` (one of :data:`BACKENDS`) and ``memory``.
 
-    ``memory='lean'`` saves at most 2 bytes per neuron-step for the backward pass instead of
-    the float32 ``h`` (4 bytes): CFRect saves one ``uint8`` code per neuron-step (which level
-    windows ``h`` fell in; gradients bit-identical to ``'normal'``), TSG, Sigmoid and ATan save
-    ``h`` as ``float16`` (gradients differ from the float32 path by the rounding of ``h``).
-    Implemented by the ``'cpp'`` backend; other backends run in normal mode with a one-time
-    warning. With ``return_h_seq`` the float32 ``h`` is kept anyway and nothing changes.
+    ``memory='lean'`` saves less for the backward pass than the float32 ``h`` (4 bytes per
+    neuron-step): CFRect 1 byte (which level windows ``h`` fell in; gradients bit-identical to
+    ``'normal'``), TSG, Sigmoid and ATan 3 bytes (the nearest level's index and the float16
+    offset of ``h`` from it; every distance to a level within a relative ``2^-11`` of the normal
+    mode's, whatever the threshold). Implemented by the ``'cpp'`` backend; other backends run in
+    normal mode with a one-time warning. With ``return_h_seq`` the float32 ``h`` is kept anyway
+    and nothing changes.
 
     Examples
     --------
@@ -124,7 +171,8 @@ def cf_multi_step(x_seq: torch.Tensor, v: torch.Tensor, tau: float = 4 / 3,
         surrogate_function = CFRect()
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    name = resolve_backend(backend, x_seq, surrogate_function, t_start)
+    name = resolve_backend(backend, x_seq, surrogate_function, t_start, k_pos=p['k_pos'],
+                           k_neg=p['k_neg'], detach_reset=p['detach_reset'])
     fn = _backends.get(name)
     extra = {}
     if memory == 'lean':
