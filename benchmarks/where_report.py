@@ -54,6 +54,33 @@ def settings_and_variants(results: dict) -> tuple:
     return settings, variants, notes
 
 
+def completeness(results: dict) -> Dict[str, dict]:
+    """``{setting: {'runs': stored, 'expected': cells x seeds, 'seeds': sorted seeds with a run}}``
+    for every setting of the stored cells, the seven variants only (probes apart)."""
+    seeds = list(results.get('seeds') or [])
+    known = {c['name']: c for c in results['cells'] if c.get('setting') is not None}
+    out = {}
+    for c in known.values():
+        if c['variant'] not in VARIANT_ORDER:
+            continue
+        row = out.setdefault(c['setting'], {'runs': 0, 'expected': 0, 'seeds': set()})
+        row['expected'] += len(seeds)
+    for r in results['runs']:
+        c = known.get(r['cell'])
+        if c is None or c['variant'] not in VARIANT_ORDER:
+            continue
+        out[c['setting']]['runs'] += 1
+        out[c['setting']]['seeds'].add(int(r['seed']))
+    for row in out.values():
+        row['seeds'] = sorted(row['seeds'])
+    return out
+
+
+def _seeds_note(n: int, full: int) -> str:
+    """``' (1 seed)'`` where a row has fewer seeds than the study."""
+    return '' if n >= full else f" ({n} seed{'s' if n != 1 else ''})"
+
+
 def aggregate(results: dict) -> Dict[str, Dict[str, dict]]:
     """``{setting: {variant: row}}``; a row holds mean, std (ddof 1), per-seed accuracies (%), mean
     training accuracy, spikes per neuron and step, wall and CPU seconds per run."""
@@ -119,34 +146,44 @@ def paper_ordering(rows: dict) -> dict:
     return {'order': order, 'steps': steps, 'exact': order == list(PAPER_ORDER)}
 
 
-def _fmt_delta(d: dict) -> str:
+def _fmt_delta(d: dict, full: int = 3) -> str:
     if not d or d['n'] == 0:
         return ''
     sd = '' if math.isnan(d['std']) else f" ± {d['std']:.1f}"
-    return f"{d['mean']:+.1f}{sd}{' **' if d['resolved'] else ''}"
+    return f"{d['mean']:+.1f}{sd}{' **' if d['resolved'] else ''}{_seeds_note(d['n'], full)}"
 
 
 # ----------------------------------------------------------------------------------------------
 # tables
 # ----------------------------------------------------------------------------------------------
 def markdown(results: dict) -> str:
-    settings, variants, notes = settings_and_variants(results)
+    all_settings, variants, notes = settings_and_variants(results)
     table = aggregate(results)
     effects = component_effects(table)
-    settings = [s for s in settings if s in table]
+    done = completeness(results)
+    full = len(results.get('seeds') or []) or 1
+    settings = [s for s in all_settings if s in table]
     runs = results['runs']
     wall = results.get('wall_seconds', 0.)
     cpu = [r['cpu_seconds'] for r in runs if r.get('cpu_seconds') is not None]
     versions = next((r.get('versions') for r in runs if r.get('versions')), None)
+    n_main = sum(d['runs'] for d in done.values())
+    expected = sum(d['expected'] for d in done.values())
     lines = ['# Where does CF pay off? Settings x variants, same budget per variant', '',
-             f"{len(runs)} runs: {len(settings)} settings x {len(variants)} variants x seeds "
-             f"{results.get('seeds')}; test accuracy (%) after the last epoch, mean ± sample std over seeds. "
+             f"{n_main} of {expected} runs ({len(all_settings)} settings x {len(VARIANT_ORDER)} variants x seeds "
+             f"{results.get('seeds')}); test accuracy (%) after the last epoch, mean ± sample std over seeds. "
              'Within a setting every variant runs the same recipe (the example defaults of that setting: '
-             'MNIST-1D Adam lr 0.003, cosine, batch 64, 10 epochs; gestures SGD lr 0.025, 10 epochs).',
-             '', 'Commands: ' + '; '.join(f'`{c}`' for c in results.get('commands', []) if c) + '.',
-             f"Wall time of the runs {wall / 60:.1f} min; CPU time {sum(cpu) / 60:.1f} min in all "
-             f"(each run one process with one torch thread; CPU time from the process's own rusage, "
-             f"interpreter start-up included).", '']
+             'MNIST-1D Adam lr 0.003, cosine, batch 64, 10 epochs; gestures SGD lr 0.025, 10 epochs).', '']
+    missing = [f"{s} ({done[s]['runs']} of {done[s]['expected']} runs"
+               + (f", seeds {done[s]['seeds']}" if done[s]['runs'] else '') + ')'
+               for s in all_settings if s in done and done[s]['runs'] < done[s]['expected']]
+    if missing:
+        lines += ['**Not complete yet:** ' + '; '.join(missing) + '. Their rows hold the seeds that have run '
+                  '(marked with their number); a setting without runs has no row.', '']
+    lines += ['Commands: ' + '; '.join(f'`{c}`' for c in results.get('commands', []) if c) + '.',
+              f"Wall time of the runs {wall / 60:.1f} min; CPU time {sum(cpu) / 60:.1f} min in all "
+              f"(each run one process with one torch thread; CPU time from the process's own rusage, "
+              f"interpreter start-up included).", '']
     if versions:
         lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.", '']
     probes = [v for v in variants if v not in VARIANT_ORDER]
@@ -155,17 +192,17 @@ def markdown(results: dict) -> str:
               '|---|' + '---|' * len(variants)]
     for s in settings:
         rows = table[s]
-        best = max(rows.values(), key=lambda r: r['mean'])['mean']
+        best = max(r['mean'] for v, r in rows.items() if v in variants)
         cells = []
         for v in variants:
             r = rows.get(v)
             if r is None:
                 cells.append('')
                 continue
-            txt = f"{r['mean']:.1f} ± {r['std']:.1f}"
-            cells.append(f'**{txt}**' if r['mean'] == best else txt)
+            txt = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f}" if r['n'] > 1 else '')
+            cells.append((f'**{txt}**' if r['mean'] == best else txt) + _seeds_note(r['n'], full))
         lines.append(f'| {s} | ' + ' | '.join(cells) + ' |')
-    lines += ['', 'Settings:', ''] + [f'- **{s}** ({notes[s][0]}): {notes[s][1]}' for s in settings]
+    lines += ['', 'Settings:', ''] + [f'- **{s}** ({notes[s][0]}): {notes[s][1]}' for s in all_settings]
     probe_rows = [(s, v) for s in settings for v in probes if v in table[s]]
     if probe_rows:
         lines += ['', '## Probes', '', 'Cells beyond the seven variants (same setting and budget), with the '
@@ -174,18 +211,18 @@ def markdown(results: dict) -> str:
                   '|---|---|---|---|---|---|---|']
         for s, v in probe_rows:
             r = table[s][v]
-            d_lif = _fmt_delta(paired_difference(r, table[s]['LIF soft'])) if 'LIF soft' in table[s] else ''
-            d_cf = _fmt_delta(paired_difference(r, table[s]['CF'])) if 'CF' in table[s] else ''
+            d_lif = _fmt_delta(paired_difference(r, table[s]['LIF soft']), full) if 'LIF soft' in table[s] else ''
+            d_cf = _fmt_delta(paired_difference(r, table[s]['CF']), full) if 'CF' in table[s] else ''
             lines.append(f"| {s} | {v} | {r['mean']:.1f} ± {r['std']:.1f} | "
                          f"{' / '.join(f'{a:.1f}' for a in r['seeds'].values())} | {r['train_acc']:.1f} | "
                          f'{d_lif} | {d_cf} |')
     lines += ['', '## What each component buys', '',
               'Paired over seeds (same seed: same initial weights and data order): mean difference in '
               'accuracy points ± sample std of the per-seed differences; ** = resolved by a paired t-test '
-              '(two-sided 95 %, with 3 seeds |t| > 4.30).', '',
+              '(two-sided 95 %, with 3 seeds |t| > 4.30); "(1 seed)": one seed only, no spread.', '',
               '| setting | ' + ' | '.join(c[0] for c in COMPARISONS) + ' |', '|---|' + '---|' * len(COMPARISONS)]
     for s in settings:
-        lines.append(f'| {s} | ' + ' | '.join(_fmt_delta(effects[s].get(c[0])) for c in COMPARISONS) + ' |')
+        lines.append(f'| {s} | ' + ' | '.join(_fmt_delta(effects[s].get(c[0]), full) for c in COMPARISONS) + ' |')
     lines += [''] + [f'- *{label}*: {a} − {b}: {what}.' for label, a, b, what in COMPARISONS]
     lines += ['', "## The paper's ordering CF > SCF > DT > ST", '',
               '| setting | measured order | ' + ' | '.join(f'{a} > {b}' for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]))
@@ -199,7 +236,8 @@ def markdown(results: dict) -> str:
         for label in ('CF vs LIF', 'TSG', 'PNB'):
             d = effects[s].get(label)
             marks.append('' if d is None else ('yes' if d['mean'] > 0 else 'no') + (' **' if d['resolved'] else ''))
-        lines.append(f"| {s} | {' > '.join(o['order'])} | " + ' | '.join(marks) + ' |')
+        n = min(r['n'] for v, r in table[s].items() if v in variants)
+        lines.append(f"| {s}{_seeds_note(n, full)} | {' > '.join(o['order'])} | " + ' | '.join(marks) + ' |')
     lines += ['', '"yes"/"no": by the means; ** as above (the difference is resolved by the seeds).', '',
               '## Every run', '',
               '| setting | variant | per seed (%) | train acc (%) | spikes/neuron/step | parameters | wall s/run | '
@@ -210,7 +248,8 @@ def markdown(results: dict) -> str:
             if r is None:
                 continue
             cpu_txt = '' if r['cpu_seconds'] is None else f"{r['cpu_seconds']:.0f}"
-            lines.append(f"| {s} | {v} | {' / '.join(f'{a:.1f}' for a in r['seeds'].values())} | "
+            per_seed = ' / '.join(f'{seed}: {a:.1f}' for seed, a in r['seeds'].items())
+            lines.append(f"| {s} | {v} | {per_seed} | "
                          f"{r['train_acc']:.1f} | {r['spikes']:.3f} | {r['parameters'] or ''} | "
                          f"{r['seconds']:.0f} | {cpu_txt} |")
     lines += ['', '## Time per setting', '', '| setting | runs | CPU min | wall min (sum of runs) |', '|---|---|---|---|']
@@ -241,14 +280,19 @@ def _pyplot():
     return plt
 
 
-def _bars(ax, rows: dict, variants: List[str], title: str) -> None:
+SHORT_NAMES = {'LIF soft': 'LIF', 'CF+TSG': '+TSG', 'CF+TSG+PNB': '+TSG+PNB'}
+
+
+def _bars(ax, rows: dict, variants: List[str], title: str, fontsize: float = 8) -> None:
+    """Mean ± std per variant, the seeds as dots, LIF soft dashed; y from just below the lowest seed."""
     xs = np.arange(len(variants))
     present = [v for v in variants if v in rows]
     for i, v in enumerate(variants):
         r = rows.get(v)
         if r is None:
             continue
-        ax.bar(i, r['mean'], yerr=r['std'], capsize=2, color=VARIANT_COLORS.get(v, 'tab:gray'), alpha=0.9)
+        ax.bar(i, r['mean'], yerr=r['std'] if r['n'] > 1 else None, capsize=2,
+               color=VARIANT_COLORS.get(v, 'tab:gray'), alpha=0.9)
         vals = list(r['seeds'].values())
         ax.plot([i] * len(vals), vals, 'k.', ms=3)
     if 'LIF soft' in rows:
@@ -257,57 +301,77 @@ def _bars(ax, rows: dict, variants: List[str], title: str) -> None:
     hi = max(max(rows[v]['seeds'].values()) for v in present)
     ax.set_ylim(max(0., lo - 0.15 * (hi - lo) - 2), min(100., hi + 0.1 * (hi - lo) + 1))
     ax.set_xticks(xs)
-    ax.set_xticklabels(variants, rotation=55, ha='right', fontsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(axis='y', labelsize=7)
+    ax.set_xticklabels([SHORT_NAMES.get(v, v) for v in variants], rotation=60, ha='right', fontsize=fontsize - 1)
+    ax.set_title(title, fontsize=fontsize)
+    ax.tick_params(axis='y', labelsize=fontsize - 1)
     ax.grid(axis='y', alpha=0.3)
 
 
+PART_LABELS = {'plain': 'static', 'residual': 'static, residual', 'transformer': 'static, transformer',
+               'temporal': 'temporal', 'probe': 'probe'}
+
+
 def plot(results: dict, path: str) -> None:
-    """One bar panel per setting (grouped by part) and a map of the component differences."""
+    """One bar panel per setting, five to a row in study order (plain and residual, then
+    transformer and temporal), and a map of the component differences (settings x components).
+    A setting of the study without runs yet keeps its panel, marked as such."""
     plt = _pyplot()
     settings, variants, notes = settings_and_variants(results)
+    variants = [v for v in variants if v in VARIANT_ORDER]
     table = aggregate(results)
-    settings = [s for s in settings if s in table]
-    if not settings:
+    if not table:
         return
+    full = len(results.get('seeds') or []) or 1
     effects = component_effects(table)
     cols = min(5, len(settings))
-    rows = math.ceil(len(settings) / cols)
-    fig = plt.figure(figsize=(3.1 * cols, 2.9 * rows + 0.6 + 0.42 * len(settings) + 1.2))
-    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[2.9] * rows + [0.42 * len(settings) + 1.2])
+    nrows = math.ceil(len(settings) / cols)
+    map_h = 0.28 * len(settings) + 1.3
+    fig = plt.figure(figsize=(2.3 * cols + 0.6, 2.7 * nrows + map_h + 0.5))
+    grid = fig.add_gridspec(nrows + 1, cols, height_ratios=[2.7] * nrows + [map_h], hspace=0.75, wspace=0.3,
+                            top=1 - 0.75 / (2.7 * nrows + map_h + 0.5))
     for i, s in enumerate(settings):
         ax = fig.add_subplot(grid[i // cols, i % cols])
-        _bars(ax, table[s], [v for v in variants if v in table[s]], f'{s} ({notes[s][0]})')
+        kind = PART_LABELS.get(notes[s][0], notes[s][0])
+        if s not in table:
+            ax.set_title(f'{s}\n({kind})', fontsize=8)
+            ax.text(0.5, 0.5, 'not run yet', ha='center', va='center', fontsize=9, color='0.4',
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        n = min(r['n'] for v, r in table[s].items() if v in variants)
+        _bars(ax, table[s], variants, f'{s}{_seeds_note(n, full)}\n({kind})')
         if i % cols == 0:
             ax.set_ylabel('test accuracy (%)', fontsize=8)
-    ax = fig.add_subplot(grid[rows, :])
+    ax = fig.add_subplot(grid[nrows, :])
     labels = [c[0] for c in COMPARISONS]
     m = np.full((len(settings), len(labels)), np.nan)
     for i, s in enumerate(settings):
         for j, lab in enumerate(labels):
-            d = effects[s].get(lab)
+            d = effects.get(s, {}).get(lab)
             if d is not None and d['n']:
                 m[i, j] = d['mean']
-    lim = max(1., float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.)
-    im = ax.imshow(m, cmap='RdBu', vmin=-lim, vmax=lim, aspect='auto')
+    lim = 15.   # colours saturate at +-15 points: the small effects (TSG, PNB) stay visible
+    ax.imshow(m, cmap='RdBu', vmin=-lim, vmax=lim, aspect='auto')
     for i, s in enumerate(settings):
         for j, lab in enumerate(labels):
-            d = effects[s].get(lab)
+            d = effects.get(s, {}).get(lab)
             if d is not None and d['n']:
-                ax.text(j, i, f"{d['mean']:+.1f}{'*' if d['resolved'] else ''}", ha='center', va='center',
-                        fontsize=7, color='k' if abs(d['mean']) < 0.6 * lim else 'w')
+                txt = f"{d['mean']:+.1f}{'*' if d['resolved'] else ''}" + ('' if d['n'] >= full else f" ({d['n']})")
+                ax.text(j, i, txt, ha='center', va='center', fontsize=7.5,
+                        color='k' if abs(d['mean']) < 0.6 * lim else 'w')
+            else:
+                ax.text(j, i, '–', ha='center', va='center', fontsize=7.5, color='0.5')
     ax.set_yticks(range(len(settings)))
-    ax.set_yticklabels(settings, fontsize=7)
+    ax.set_yticklabels(settings, fontsize=8)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([f'{c[0]}\n({c[1]} − {c[2]})' for c in COMPARISONS], fontsize=7)
-    ax.set_title('what each component buys: accuracy difference in points, paired over seeds '
-                 '(* resolved, paired t-test 95 %)', fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
-    fig.suptitle('Where does CF pay off? Test accuracy per setting (bars: mean ± std, dots: seeds, dashed: '
-                 'LIF soft)', fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_xticklabels([f'{c[0]}\n{c[1]} − {c[2]}' for c in COMPARISONS], fontsize=7.5)
+    ax.tick_params(length=0)
+    ax.set_title('What each component buys: accuracy difference in points, paired over seeds '
+                 '(* resolved by a paired t-test at 95 %; (n): seeds if fewer)', fontsize=9)
+    fig.suptitle('Where does CF pay off? Test accuracy per setting (bars: mean ± std, dots: seeds, '
+                 'dashed: LIF soft)', fontsize=10, y=0.995)
+    fig.savefig(path, dpi=110, bbox_inches='tight', metadata={'Software': None})
     plt.close(fig)
 
 
@@ -410,7 +474,7 @@ def plot_potentials(results: dict, path: str) -> None:
         for level in (-2, -1, 1, 2):
             ax.axvline(level, color='0.5', lw=0.6, ls=':')
         ax.set_yscale('log')
-        ax.set_title(f"{r['cell']}: pre-spike h, all blocks", fontsize=8)
+        ax.set_title(f"{r['cell']}: pre-spike h, all blocks (edges: beyond ±4θ)", fontsize=8)
         ax.set_xlabel('h / θ', fontsize=7)
         ax.legend(fontsize=6)
         ax = axes[i, 1]
@@ -421,6 +485,7 @@ def plot_potentials(results: dict, path: str) -> None:
                         marker=marker, ls='-' if k == 0 else '--', color=color, ms=3,
                         label=f"{where}: {'h ≥ θ' if k == 0 else 'h ≥ 2θ'}")
         ax.set_xlabel('block', fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title('fraction of h at or above θ, 2θ per block', fontsize=8)
         ax.legend(fontsize=6)
         ax = axes[i, 2]
@@ -448,13 +513,92 @@ def plot_potentials(results: dict, path: str) -> None:
         for a in axes[i]:
             a.tick_params(labelsize=7)
     fig.suptitle("Potentials before and after a residual addition (the paper's Fig. 1) beside the accuracy", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _short_run_label(cell: str) -> str:
+    """``'spiking-resnet d8: LIF soft'`` -> ``'spiking d8: LIF soft'`` (tick labels)."""
+    setting, variant = cell.split(': ', 1)
+    return setting.replace('-resnet', '') + ': ' + variant
+
+
+def plot_potential_summary(results: dict, path: str) -> None:
+    """The measurement in three panels, one bar group per measured run (means over its blocks):
+    the fractions of pre-spike potentials at or above θ and 2θ (and at or below −θ, −2θ) before
+    and after the residual sum; per neuron and step, the potential a hard-reset LIF discards and
+    the potential each soft rule (LIF soft, SCF, CF) loses to the leak, on the same inputs after
+    the sum; the histogram of the deepest measured LIF run's potentials before and after."""
+    runs = [r for r in measured_runs(results) if {'before', 'after'} <= set(potential_summary(r))]
+    if not runs:
+        return
+    plt = _pyplot()
+    summaries = [potential_summary(r) for r in runs]
+    labels = [_short_run_label(r['cell']) for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.9), gridspec_kw={'width_ratios': [1.25, 1.25, 1]})
+    x = np.arange(len(runs))
+    ax = axes[0]
+    width = 0.2
+    for k, (key, name) in enumerate((('above_theta', 'h ≥ θ'), ('above_2theta', 'h ≥ 2θ'),
+                                     ('below_minus_theta', 'h ≤ −θ'), ('below_minus_2theta', 'h ≤ −2θ'))):
+        pos = x + (k - 1.5) * width
+        before = [s['before'][key] for s in summaries]
+        after = [s['after'][key] for s in summaries]
+        color = ('#08519c', '#6baed6', '#a50f15', '#fb6a4a')[k]
+        ax.bar(pos, after, width, color=color, label=name)
+        ax.plot(pos, before, '_', color='k', ms=9, mew=1.5, label='before the sum' if k == 0 else None)
+    ax.set_ylim(0, 1.45 * ax.get_ylim()[1])
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha='right')
+    ax.set_ylabel('fraction of pre-spike potentials', fontsize=8)
+    ax.set_title('Beyond ±θ, ±2θ: after (bars), before (ticks) the sum', fontsize=9)
+    ax.legend(fontsize=6.5, ncol=2, loc='upper left')
+    ax = axes[1]
+    rules = [('LIF hard', 'discarded', 'LIF hard: reset discards', '#a50f15'),
+             ('LIF soft', 'leaked', 'LIF soft: leaked', '0.55'),
+             ('SCF', 'leaked', 'SCF: leaked', '#6baed6'),
+             ('CF', 'leaked', 'CF: leaked', '#08519c')]
+    width = 0.2
+    for k, (rule, q, name, color) in enumerate(rules):
+        pos = x + (k - 1.5) * width
+        ax.bar(pos, [s['after']['replay'][rule][q] for s in summaries], width, color=color, label=name)
+        ax.plot(pos, [s['before']['replay'][rule][q] for s in summaries], '_', color='k', ms=9, mew=1.5,
+                label='before the sum' if k == 0 else None)
+    ax.set_ylim(0, 1.35 * ax.get_ylim()[1])
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha='right')
+    ax.set_ylabel('θ per neuron and step', fontsize=8)
+    ax.set_title('Potential lost (same inputs through each rule)', fontsize=9)
+    ax.legend(fontsize=6.5, ncol=2, loc='upper left')
+    ax = axes[2]
+    lif = [r for r in runs if r['cell'].endswith('LIF soft')] or runs
+    r = max(lif, key=lambda r: len(r['residual_potentials']['layers']))
+    layers = r['residual_potentials']['layers']
+    for where, color in (('before', 'tab:blue'), ('after', 'tab:red')):
+        hs = [np.asarray(d['histogram']) for d in layers.values() if d['where'] == where]
+        h = np.sum(hs, axis=0)
+        lo, hi = next(iter(layers.values()))['range']
+        ax.stairs(h / max(h.sum(), 1), np.linspace(lo, hi, len(h) + 1), color=color, label=f'{where} the sum')
+    for level in (-2, -1, 1, 2):
+        ax.axvline(level, color='0.5', lw=0.6, ls=':')
+    ax.set_yscale('log')
+    ax.set_xlabel('pre-spike potential h / θ (edge bins: beyond ±4)', fontsize=8)
+    ax.set_title(f"{r['cell']}, all blocks", fontsize=9)
+    ax.legend(fontsize=7)
+    for a in axes:
+        a.tick_params(labelsize=7)
+        a.grid(axis='y', alpha=0.3)
+    fig.suptitle("Residual sums push potential beyond θ and 2θ (the paper's Fig. 1), measured after training "
+                 '(seed 0, test sequences)', fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110, metadata={'Software': None})
+    plt.close(fig)
+
+
 def write_report(results: dict, out_dir: str) -> None:
-    """``where_cf_pays.{md,png}`` and, when runs measured potentials, ``where_cf_pays_potentials.{md,png}``."""
+    """``where_cf_pays.{md,png}`` and, when runs measured potentials, ``where_cf_pays_potentials.{md,png}``
+    and ``where_cf_pays_potentials_summary.png``."""
     with open(os.path.join(out_dir, 'where_cf_pays.md'), 'w') as f:
         f.write(markdown(results))
     plot(results, os.path.join(out_dir, 'where_cf_pays.png'))
@@ -462,3 +606,4 @@ def write_report(results: dict, out_dir: str) -> None:
         with open(os.path.join(out_dir, 'where_cf_pays_potentials.md'), 'w') as f:
             f.write(potentials_markdown(results))
         plot_potentials(results, os.path.join(out_dir, 'where_cf_pays_potentials.png'))
+        plot_potential_summary(results, os.path.join(out_dir, 'where_cf_pays_potentials_summary.png'))
