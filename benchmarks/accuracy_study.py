@@ -53,6 +53,7 @@ import datetime
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -509,7 +510,8 @@ def run_study(grid: str = 'full', out_dir: str = None, jobs: int = 1, seeds=None
                 print(f'[study] {c["name"]} seed {s}: arguments changed since the stored run, running it again')
                 results['runs'].remove(r)
             todo.append((c, s, argv))
-    command = ('python benchmarks/accuracy_study.py ' + ' '.join(sys.argv[1:])
+    command = ('python benchmarks/accuracy_study.py '
+               + ' '.join(shlex.quote(_rel(a) if os.path.isabs(a) else a) for a in sys.argv[1:])
                if sys.argv and sys.argv[0].endswith('accuracy_study.py') else None)
     keys = ('name', 'argv', 'note', 'group', 'diagnose', 'example', 'setting', 'variant', 'measure')
     new_cells = [{k: c.get(k) for k in keys} for c in grid_cells]

@@ -15,6 +15,7 @@ Reads the results dict that ``benchmarks/accuracy_study.py --grid where*`` write
 """
 import math
 import os
+import shlex
 from typing import Dict, List
 
 import numpy as np
@@ -34,6 +35,9 @@ COMPARISONS = (
 #: Two-sided 95 % critical value of Student's t with n - 1 degrees of freedom (paired seeds).
 T_CRIT = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57}
 PAPER_ORDER = ('CF', 'SCF', 'DT', 'ST')
+#: Markers around the part of ``where_cf_pays.md`` that ``docs/accuracy_study.md`` includes
+#: (completeness, accuracy, component effects, the paper's ordering).
+DOCS_START, DOCS_END = '<!-- docs-include-start -->', '<!-- docs-include-end -->'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +150,29 @@ def paper_ordering(rows: dict) -> dict:
     return {'order': order, 'steps': steps, 'exact': order == list(PAPER_ORDER)}
 
 
+def _quoted_command(command: str, settings: List[str]) -> str:
+    """A stored command line with the setting names after ``--settings`` quoted where they hold a
+    space (``--settings spiking-resnet d8`` -> ``--settings 'spiking-resnet d8'``), as a shell needs
+    them; commands recorded already quoted are returned as they are."""
+    words = command.split(' ')
+    if '--settings' not in words or "'" in command or '"' in command:
+        return command
+    i = words.index('--settings') + 1
+    out = words[:i]
+    names = sorted(settings, key=lambda n: -len(n.split(' ')))
+    while i < len(words) and not words[i].startswith('--'):
+        for name in names:
+            n = len(name.split(' '))
+            if ' '.join(words[i:i + n]) == name:
+                out.append(shlex.quote(name))
+                i += n
+                break
+        else:
+            out.append(words[i])
+            i += 1
+    return ' '.join(out + words[i:])
+
+
 def _fmt_delta(d: dict, full: int = 3) -> str:
     if not d or d['n'] == 0:
         return ''
@@ -174,18 +201,20 @@ def markdown(results: dict) -> str:
              f"{results.get('seeds')}); test accuracy (%) after the last epoch, mean ± sample std over seeds. "
              'Within a setting every variant runs the same recipe (the example defaults of that setting: '
              'MNIST-1D Adam lr 0.003, cosine, batch 64, 10 epochs; gestures SGD lr 0.025, 10 epochs).', '']
+    lines += ['Commands: ' + '; '.join(f'`{_quoted_command(c, all_settings)}`'
+                                       for c in results.get('commands', []) if c) + '.',
+              f"Wall time of the runs {wall / 60:.1f} min; CPU time {sum(cpu) / 60:.1f} min in all "
+              f"(each run one process with one torch thread; CPU time from the process's own rusage, "
+              f"interpreter start-up included).", '']
+    if versions:
+        lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.", '']
+    lines += [DOCS_START, '']   # docs/accuracy_study.md includes the part between the markers
     missing = [f"{s} ({done[s]['runs']} of {done[s]['expected']} runs"
                + (f", seeds {done[s]['seeds']}" if done[s]['runs'] else '') + ')'
                for s in all_settings if s in done and done[s]['runs'] < done[s]['expected']]
     if missing:
         lines += ['**Not complete yet:** ' + '; '.join(missing) + '. Their rows hold the seeds that have run '
                   '(marked with their number); a setting without runs has no row.', '']
-    lines += ['Commands: ' + '; '.join(f'`{c}`' for c in results.get('commands', []) if c) + '.',
-              f"Wall time of the runs {wall / 60:.1f} min; CPU time {sum(cpu) / 60:.1f} min in all "
-              f"(each run one process with one torch thread; CPU time from the process's own rusage, "
-              f"interpreter start-up included).", '']
-    if versions:
-        lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.", '']
     probes = [v for v in variants if v not in VARIANT_ORDER]
     variants = [v for v in variants if v in VARIANT_ORDER]
     lines += ['## Accuracy', '', '| setting | ' + ' | '.join(variants) + ' |',
@@ -202,7 +231,6 @@ def markdown(results: dict) -> str:
             txt = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f}" if r['n'] > 1 else '')
             cells.append((f'**{txt}**' if r['mean'] == best else txt) + _seeds_note(r['n'], full))
         lines.append(f'| {s} | ' + ' | '.join(cells) + ' |')
-    lines += ['', 'Settings:', ''] + [f'- **{s}** ({notes[s][0]}): {notes[s][1]}' for s in all_settings]
     probe_rows = [(s, v) for s in settings for v in probes if v in table[s]]
     if probe_rows:
         lines += ['', '## Probes', '', 'Cells beyond the seven variants (same setting and budget), with the '
@@ -239,7 +267,8 @@ def markdown(results: dict) -> str:
         n = min(r['n'] for v, r in table[s].items() if v in variants)
         lines.append(f"| {s}{_seeds_note(n, full)} | {' > '.join(o['order'])} | " + ' | '.join(marks) + ' |')
     lines += ['', '"yes"/"no": by the means; ** as above (the difference is resolved by the seeds).', '',
-              '## Every run', '',
+              DOCS_END, '', '## Settings', ''] + [f'- **{s}** ({notes[s][0]}): {notes[s][1]}' for s in all_settings]
+    lines += ['', '## Every run', '',
               '| setting | variant | per seed (%) | train acc (%) | spikes/neuron/step | parameters | wall s/run | '
               'CPU s/run |', '|---|---|---|---|---|---|---|---|']
     for s in settings:

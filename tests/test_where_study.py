@@ -410,6 +410,15 @@ def test_where_report_files(tmp_path):
     assert not os.path.exists(tmp_path / 'where_cf_pays_potentials.md')   # no run measured potentials
 
 
+def test_stored_commands_are_shown_as_a_shell_needs_them():
+    names = ['plain', 'spiking-resnet d8', 'spiking-resnet d2']
+    q = report._quoted_command('python b.py --settings plain spiking-resnet d8 --jobs 2', names)
+    assert q == "python b.py --settings plain 'spiking-resnet d8' --jobs 2"
+    assert report._quoted_command("python b.py --settings 'spiking-resnet d2'", names) == \
+        "python b.py --settings 'spiking-resnet d2'"
+    assert report._quoted_command('python b.py --grid where', names) == 'python b.py --grid where'
+
+
 def test_where_report_says_which_settings_are_incomplete(tmp_path):
     """A study that is still running: rows with fewer seeds say how many, a setting without runs
     is named as not complete (and keeps an empty panel), no spread is made up for one seed."""
