@@ -197,7 +197,8 @@ def markdown(results: dict) -> str:
     n_main = sum(d['runs'] for d in done.values())
     expected = sum(d['expected'] for d in done.values())
     lines = ['# Where does CF pay off? Settings x variants, same budget per variant', '',
-             f"{n_main} of {expected} runs ({len(all_settings)} settings x {len(VARIANT_ORDER)} variants x seeds "
+             f"{n_main} of {expected} runs ({len(all_settings)} settings x "
+             f"{len([v for v in variants if v in VARIANT_ORDER])} variants x seeds "
              f"{results.get('seeds')}); test accuracy (%) after the last epoch, mean ± sample std over seeds. "
              'Within a setting every variant runs the same recipe (the example defaults of that setting: '
              'MNIST-1D Adam lr 0.003, cosine, batch 64, 10 epochs; gestures SGD lr 0.025, 10 epochs).', '']

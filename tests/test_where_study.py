@@ -432,7 +432,7 @@ def test_where_report_says_which_settings_are_incomplete(tmp_path):
     assert done['part'] == {'runs': 4, 'expected': 6, 'seeds': [0, 1, 2]}
     assert done['none'] == {'runs': 0, 'expected': 6, 'seeds': []}
     md = report.markdown(res)
-    assert md.startswith('# Where') and '10 of 18 runs' in md
+    assert md.startswith('# Where') and '10 of 18 runs (3 settings x 2 variants x seeds [0, 1, 2])' in md
     line = next(l for l in md.splitlines() if l.startswith('**Not complete yet:**'))
     assert 'part (4 of 6 runs' in line and 'none (0 of 6 runs)' in line and 'full' not in line
     assert '| part | 71.0 ± 1.0 | **80.0** (1 seed) |' in md            # no "± 0.0" for one seed
