@@ -345,8 +345,51 @@ def fig_accuracy_sweeps(out_dir: str) -> Optional[str]:
     return _save(fig, out_dir, 'accuracy_sweeps.png')
 
 
+# ------------------------------------------------------------------------------------------------
+# the settings study ("where does CF pay off?"), from where_cf_pays.json
+# ------------------------------------------------------------------------------------------------
+def _where_report():
+    """``benchmarks/where_report.py``: the study's own tables and figures, so the page and the
+    committed results show the same numbers."""
+    bench = os.path.join(ROOT, 'benchmarks')
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import where_report
+    return where_report
+
+
+def _report_style():
+    """The report's own matplotlib style (no grid over the heat map, all spines), not the pages'."""
+    import matplotlib
+    _plt()
+    return matplotlib.rc_context({'axes.grid': False, 'axes.spines.top': True, 'axes.spines.right': True})
+
+
+def fig_where_accuracy(out_dir: str) -> Optional[str]:
+    """Accuracy of the seven variants per setting, and what each component buys (paired)."""
+    path = newest('where_cf_pays.json')
+    if path is None:
+        print('make_figures: no where_cf_pays.json: where_accuracy.png skipped')
+        return None
+    out = os.path.join(out_dir, 'where_accuracy.png')
+    with _report_style():
+        _where_report().plot(_load(path), out)
+    return out
+
+
+def fig_where_potentials(out_dir: str) -> Optional[str]:
+    """Potentials before and after the residual sums, and what each reset rule loses."""
+    path = newest('where_cf_pays.json')
+    if path is None:
+        return None
+    out = os.path.join(out_dir, 'where_potentials.png')
+    with _report_style():
+        _where_report().plot_potential_summary(_load(path), out)
+    return out if os.path.isfile(out) else None
+
+
 FIGURES = (fig_staircase, fig_surrogates, fig_neuron_speed, fig_protocol, fig_long_sequences,
-           fig_accuracy, fig_accuracy_curves, fig_accuracy_sweeps)
+           fig_accuracy, fig_accuracy_curves, fig_accuracy_sweeps, fig_where_accuracy, fig_where_potentials)
 
 
 def main(out_dir: str = DEFAULT_OUT) -> List[str]:

@@ -50,7 +50,7 @@ __all__ = ['Task', 'add_common_arguments', 'main', 'make_neuron', 'LIFNode', 'ad
 NOISE_KINDS = ('uniform', 'salt_pepper', 'gaussian')
 # Arguments that define the model: an evaluation (--eval-only) takes them from the checkpoint.
 MODEL_ARGUMENTS = ('arch', 'width', 'T', 'neuron', 'k_pos', 'k_neg', 'tau', 'surrogate',
-                   'voting_size', 'input_size', 'zero_init_residual', 'pool', 'lif_reset')
+                   'voting_size', 'input_size', 'zero_init_residual', 'pool', 'lif_reset', 'depth', 'task', 'heads')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,22 @@ multi-step mode::
 keeps only the largest value of each window, so a negative spike of CF survives only where its
 whole window is negative; see ``--diagnostics`` and ``benchmarks/accuracy_study.py``.
 
+Other architectures (``--arch``, ``--depth``; ``examples/mnist1d_models.py``):
+
+- ``spiking-resnet``: residual blocks with the shortcut added *before* the second neuron (the
+  paper's Fig. 1), ``sew-resnet``: added *after* it (SEW's ADD), ``ms-resnet``: a membrane
+  shortcut (MS-ResNet); ``--depth`` blocks of two convolutions each (8: 17 spiking layers, the
+  depth of ResNet-18), length averaged before the read-out;
+- ``spikformer``: a small Spikformer (spiking self-attention as SpikingJelly 2.0's zoo defines
+  it; an equivalent local module on 0.0.0.0.14), ``--depth`` blocks, ``--heads``;
+- ``rsnn`` with ``--task sequential``: one sample of the sequence per time step (T = 40) into
+  ``--depth`` recurrent spiking layers of ``--width`` neurons; ``--task reversed``: the same
+  with a fixed half of the sequences played backwards as ten more classes (order matters).
+
+``--potentials`` (residual networks) measures, after training, the potentials before and after
+each residual sum and replays them through LIF hard / soft, SCF and CF (the paper's Fig. 1;
+``residual_potentials.json``).
+
 Neurons
 -------
 - ``--neuron cf --variant ST|DT|SCF|CF --K K``: :class:`spikingjelly_cf.CFNode` with the
@@ -58,6 +74,8 @@ Examples
     python examples/mnist1d.py --neuron lif --surrogate rect --pnb 0
     python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1
     python examples/mnist1d.py --variant CF --pool avg --diagnostics
+    python examples/mnist1d.py --arch spiking-resnet --depth 8 --width 16 --potentials
+    python examples/mnist1d.py --arch rsnn --task sequential --depth 1 --width 64
 """
 import argparse
 import math
@@ -78,6 +96,8 @@ from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 import spikingjelly_cf  # noqa: E402
 from spikingjelly_cf.surrogate import level_spike  # noqa: E402
 
+import mnist1d_models as models  # noqa: E402  (examples/mnist1d_models.py)
+
 NUM_CLASSES = 10
 CLASS_NAMES = [str(i) for i in range(NUM_CLASSES)]
 SEQUENCE_LENGTH = 40
@@ -86,6 +106,14 @@ CACHE_NAME = 'mnist1d_standard.npz'
 DEFAULTS = dict(T=4, epochs=10, batch_size=64, lr=0.003, weight_decay=0.0, optimizer='adam', surrogate='tsg',
                 pnb=0.25)
 VARIANTS = tuple(spikingjelly_cf.VARIANTS)
+#: ``--arch`` choices: the plain network above and those of ``examples/mnist1d_models.py``.
+ARCHS = ('plain', 'spiking-resnet', 'sew-resnet', 'ms-resnet', 'spikformer', 'rsnn')
+#: Default ``--depth`` per architecture (the plain network has a fixed depth of three blocks).
+DEFAULT_DEPTH = {'spiking-resnet': 2, 'sew-resnet': 2, 'ms-resnet': 2, 'spikformer': 1, 'rsnn': 2}
+#: ``--task`` choices: direct encoding of the whole sequence at every step, or one sample per step.
+TASKS = ('static', 'sequential', 'reversed')
+#: Seed of which samples ``--task reversed`` plays backwards (fixed: the same for every run).
+REVERSAL_SEED = 20261203
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +174,35 @@ def load_standard_split(data_dir: str, verbose: bool = True) -> dict:
     return d
 
 
+def reversal_mask(n: int, split: str) -> np.ndarray:
+    """Which of ``n`` samples of ``split`` (``'train'`` or ``'test'``) ``--task reversed`` plays
+    backwards: a fixed draw (:data:`REVERSAL_SEED`), half of them on average, the same for every run."""
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = np.random.default_rng([REVERSAL_SEED, 0 if split == 'train' else 1])
+    return rng.random(n) < 0.5
+
+
+def make_reversed(x: np.ndarray, y: np.ndarray, split: str) -> tuple:
+    r"""The time-reversal task: a fixed half of the sequences reversed, label ``y + 10`` for them.
+
+    Twenty classes (digit x direction). A sequence and its reversal hold the same values, so a
+    model that ignores their order (any function of the multiset of values, e.g. a sum over
+    time of a per-step feature) cannot tell the two classes of a digit apart; a temporal model
+    can. Same samples, same split and same labels for every variant.
+    """
+    mask = reversal_mask(len(y), split)
+    x = x.copy()
+    x[mask] = x[mask, ::-1]
+    return np.ascontiguousarray(x), (y + NUM_CLASSES * mask).astype(np.int64)
+
+
+def class_names(task: str) -> list:
+    if task == 'reversed':
+        return CLASS_NAMES + [f'{c} reversed' for c in CLASS_NAMES]
+    return list(CLASS_NAMES)
+
+
 def build_data(args, dist_):
     d = None
     if dist_.is_main:
@@ -153,13 +210,23 @@ def build_data(args, dist_):
     dist_.barrier()
     if d is None:
         d = load_standard_split(args.data_dir, verbose=False)
-    train = torch.utils.data.TensorDataset(torch.from_numpy(d['x']).unsqueeze(1), torch.from_numpy(d['y']))
-    test = torch.utils.data.TensorDataset(torch.from_numpy(d['x_test']).unsqueeze(1), torch.from_numpy(d['y_test']))
+    x, y, x_test, y_test = d['x'], d['y'], d['x_test'], d['y_test']
+    if getattr(args, 'task', 'static') == 'reversed':
+        x, y = make_reversed(x, y, 'train')
+        x_test, y_test = make_reversed(x_test, y_test, 'test')
+    limit = getattr(args, 'limit', None)
+    if limit is not None:
+        x, y, x_test, y_test = x[:limit], y[:limit], x_test[:limit], y_test[:limit]
+    train = torch.utils.data.TensorDataset(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y))
+    test = torch.utils.data.TensorDataset(torch.from_numpy(x_test).unsqueeze(1), torch.from_numpy(y_test))
     return train, test
 
 
 def to_input(x: torch.Tensor, args) -> torch.Tensor:
-    """``[B, 1, 40]`` -> ``[T, B, 1, 40]`` (direct encoding: the same real values at every step)."""
+    """``[B, 1, 40]`` -> ``[T, B, 1, 40]`` (``--task static``, direct encoding: the same real values
+    at every step) or ``[40, B, 1]`` (``sequential``, ``reversed``: one sample per step)."""
+    if getattr(args, 'task', 'static') != 'static':
+        return x.float().permute(2, 0, 1).contiguous()
     return x.float().unsqueeze(0).expand(args.T, *x.shape).contiguous()
 
 
@@ -209,8 +276,19 @@ def neuron_spec(args) -> tuple:
 
 
 def build_model(args) -> nn.Module:
+    """The network of ``--arch`` (``'conv1d'``, the name in older checkpoints, is ``'plain'``)."""
     cls, kwargs = neuron_spec(args)
-    return Conv1dSNN(args.width, cls, pool=args.pool, **kwargs)
+    arch = getattr(args, 'arch', 'plain')
+    classes = len(class_names(getattr(args, 'task', 'static')))
+    if arch in ('plain', 'conv1d'):
+        return Conv1dSNN(args.width, cls, pool=args.pool, num_classes=classes, **kwargs)
+    if arch.endswith('-resnet'):
+        return models.SpikingResNet1d(arch.split('-')[0], args.width, args.depth, cls, num_classes=classes, **kwargs)
+    if arch == 'spikformer':
+        return models.Spikformer1d(args.width, args.depth, cls, num_heads=args.heads, num_classes=classes, **kwargs)
+    if arch == 'rsnn':
+        return models.RecurrentSNN(args.width, args.depth, cls, num_classes=classes, **kwargs)
+    raise ValueError(f'arch must be one of {ARCHS}, got {arch!r}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +533,19 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = parser.add_argument_group('model and data')
-    m.add_argument('--width', type=int, default=32, help='channels of every convolution')
+    m.add_argument('--arch', choices=ARCHS, default='plain',
+                   help='plain: three conv blocks; spiking-resnet (add before the neuron, the paper\'s Fig. 1), '
+                        'sew-resnet (add after it), ms-resnet (membrane shortcut), spikformer, rsnn (recurrent, '
+                        'with --task sequential|reversed); see examples/mnist1d_models.py')
+    m.add_argument('--depth', type=int, default=None,
+                   help='residual blocks (resnets), transformer blocks (spikformer) or recurrent layers (rsnn); '
+                        'default: ' + ', '.join(f'{d} for {a}' for a, d in DEFAULT_DEPTH.items()))
+    m.add_argument('--heads', type=int, default=4, help='attention heads (spikformer)')
+    m.add_argument('--task', choices=TASKS, default='static',
+                   help='static: the whole sequence at every step (direct encoding, T steps); sequential: one '
+                        'sample per step (T = 40); reversed: sequential with a fixed half of the sequences '
+                        'played backwards as ten more classes')
+    m.add_argument('--width', type=int, default=32, help='channels of every convolution (rsnn: neurons per layer)')
     m.add_argument('--pool', choices=('max', 'avg'), default='max', help='pooling after each spiking layer')
     m.add_argument('--variant', type=str.upper, choices=VARIANTS, default='CF',
                    help='CF variant (Fig. 6): ST = 1/0 levels, DT = 1/1, SCF = K/0, CF = K/K; sets --k-pos/--k-neg')
@@ -463,10 +553,16 @@ def get_parser() -> argparse.ArgumentParser:
     m.add_argument('--lif-reset', choices=('soft', 'hard'), default='soft',
                    help="LIF reset (--neuron lif): 'soft' subtracts the threshold, 'hard' resets to 0")
     m.add_argument('--data-dir', default=os.path.join('data', 'mnist1d'), help='cache of the generated arrays')
+    m.add_argument('--limit', type=int, default=None, metavar='N',
+                   help='use only the first N training and N test sequences (quick checks; default: all)')
     m.add_argument('--diagnostics', action='store_true',
                    help='measure surrogate dead zones, potentials, spike levels, pooling and gradient norms '
                         'during training (diagnostics.json, diagnostics.png)')
     m.add_argument('--diagnostics-every', type=int, default=4, help='sample every N-th training batch')
+    m.add_argument('--potentials', action='store_true',
+                   help='after training, measure the potentials before and after each residual sum on the test '
+                        "set and replay them through LIF hard/soft, SCF and CF (the paper's Fig. 1; residual "
+                        'architectures; residual_potentials.json)')
     common.add_common_arguments(parser, **DEFAULTS)
     return parser
 
@@ -502,7 +598,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.k_pos, args.k_neg = 1, 0
     if args.neuron == 'cf' and 'lif_reset' in explicit:
         raise SystemExit('--lif-reset is a LIF option (CF always resets softly, Eq. 10)')
-    args.arch = 'conv1d'
+    if args.arch == 'plain':
+        if args.depth is not None:
+            raise SystemExit('--depth applies to the residual, spikformer and rsnn architectures (the plain '
+                             'network has three blocks)')
+    elif args.depth is None:
+        args.depth = DEFAULT_DEPTH[args.arch]
+    if args.depth is not None and args.depth < 1:
+        raise SystemExit(f'--depth must be >= 1, got {args.depth}')
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f'--limit must be >= 1, got {args.limit}')
+    if args.heads < 1:
+        raise SystemExit(f'--heads must be >= 1, got {args.heads}')
+    if args.arch == 'spikformer' and (args.width % args.heads or args.width % 2):
+        raise SystemExit(f'--arch spikformer needs an even --width that --heads divides, got --width {args.width} '
+                         f'--heads {args.heads}')
+    if 'pool' in explicit and args.arch != 'plain':
+        raise SystemExit('--pool is an option of the plain network (--arch plain)')
+    if (args.arch == 'rsnn') != (args.task != 'static'):
+        raise SystemExit(f'--task {args.task} with --arch {args.arch}: the recurrent network (rsnn) reads one '
+                         'sample per step (--task sequential|reversed), the others the whole sequence '
+                         '(--task static)')
+    if args.task != 'static':
+        if 'T' in explicit and args.T != SEQUENCE_LENGTH:
+            raise SystemExit(f'--task {args.task} runs one step per sample: T = {SEQUENCE_LENGTH}, got --T {args.T}')
+        args.T = SEQUENCE_LENGTH
+    if args.potentials and not args.arch.endswith('-resnet'):
+        raise SystemExit('--potentials measures residual sums: use it with --arch spiking-resnet|sew-resnet|ms-resnet')
+    if args.potentials and args.arch == 'sew-resnet':
+        raise SystemExit('--potentials: SEW-ResNet adds after its neurons, no neuron sees a residual sum '
+                         '(use spiking-resnet or ms-resnet)')
     common.check_arguments(args)
     return args
 
@@ -519,9 +644,32 @@ def run_name(args) -> str:
     return name
 
 
+def arch_name(args) -> str:
+    """``plain``, ``spiking-resnet-d8``, ``rsnn-d2-reversed``, ...: architecture, depth and task."""
+    name = 'plain' if args.arch in ('plain', 'conv1d') else f'{args.arch}-d{args.depth}'
+    return name + ('' if args.task == 'static' else f'-{args.task}')
+
+
 def make_task(args) -> common.Task:
     return common.Task(name='mnist1d', build_model=build_model, build_data=build_data, to_input=to_input,
-                       class_names=CLASS_NAMES, data_arguments=('data_dir',))
+                       class_names=class_names(args.task), data_arguments=('data_dir', 'limit'))
+
+
+@torch.no_grad()
+def measure_potentials(net: nn.Module, args, samples: int = 512) -> dict:
+    """:class:`mnist1d_models.ResidualPotentials` of the trained ``net`` on the first ``samples``
+    test sequences (evaluation mode)."""
+    from spikingjelly.activation_based import functional as sj_functional
+    d = load_standard_split(args.data_dir, verbose=False)
+    x = torch.from_numpy(d['x_test'][:samples]).unsqueeze(1)
+    device = next(net.parameters()).device
+    net.eval()
+    with models.ResidualPotentials(net) as rec:
+        for i in range(0, len(x), args.batch_size):
+            net(to_input(x[i:i + args.batch_size].to(device), args))
+            sj_functional.reset_net(net)
+        out = rec.summary()
+    return {'samples': int(len(x)), 'layers': out}
 
 
 def main(argv=None) -> dict:
@@ -529,7 +677,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     task = make_task(args)
     if args.out_dir is None:
-        args.out_dir = os.path.join('runs', f'mnist1d_{run_name(args)}_{args.pool}_T{args.T}_seed{args.seed}')
+        arch = '' if args.arch == 'plain' and args.task == 'static' else arch_name(args) + '_'
+        args.out_dir = os.path.join('runs', f'mnist1d_{arch}{run_name(args)}_{args.pool}_T{args.T}_seed{args.seed}')
+    trained = {}
+    if args.potentials and not args.eval_only:
+        build_for_potentials = task.build_model
+
+        def build_and_keep(a):
+            trained['net'] = build_for_potentials(a)
+            return trained['net']
+        task.build_model = build_and_keep
     diag = None
     if args.diagnostics and not args.eval_only:
         build = task.build_model
@@ -537,7 +694,7 @@ def main(argv=None) -> dict:
         def build_with_diagnostics(a):
             nonlocal diag
             net = build(a)
-            steps = math.ceil(4000 / a.batch_size)
+            steps = math.ceil((a.limit or 4000) / a.batch_size)
             diag = Diagnostics(net, steps_per_epoch=steps, every=a.diagnostics_every)
             return net
         task.build_model = build_with_diagnostics
@@ -553,8 +710,13 @@ def main(argv=None) -> dict:
                              title=f'{run_name(args)}, {args.pool} pool, T={args.T}, seed {args.seed}: '
                                    f'test acc {100 * summary["test_acc"]:.1f} %')
             summary['diagnostics'] = d
+    if summary and trained:
+        summary['residual_potentials'] = measure_potentials(trained['net'], args)
+        common._write_json(summary['residual_potentials'], os.path.join(args.out_dir, 'residual_potentials.json'))
     if summary:
-        summary['setting'] = {'name': run_name(args), 'neuron': args.neuron, 'variant': args.variant,
+        summary['setting'] = {'name': run_name(args), 'arch': args.arch, 'depth': args.depth, 'task': args.task,
+                              'heads': args.heads if args.arch == 'spikformer' else None,
+                              'neuron': args.neuron, 'variant': args.variant,
                               'K': args.K, 'k_pos': args.k_pos, 'k_neg': args.k_neg, 'surrogate': args.surrogate,
                               'pnb': args.pnb, 'pool': args.pool, 'T': args.T, 'seed': args.seed,
                               'lif_reset': args.lif_reset if args.neuron == 'lif' else None,

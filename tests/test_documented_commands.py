@@ -79,6 +79,11 @@ TRAINING_TINY = ('--quick --device cpu --networks dvs-vgg --no-memory --budget-s
 # the protocol's quickest sweep: the CPU kernel and SpikingJelly's LIF only (peers, if installed,
 # would take minutes), no long-T sweep
 PROTOCOL_TINY = '--quick --no-long-T --only "cpp]" LIFNode --out {tmp}'
+# the settings study's quickest runs: one cell of its smoke grid each, in-process, temporary folders
+# (every architecture and task runs in tests/test_where_study.py)
+WHERE_TMP = '--out-dir {tmp}/study --runs-dir {tmp}/runs --data-dir {tmp}/data --no-progress'
+# one epoch of the MNIST-1D example on 256 sequences
+MNIST1D_TINY = '--epochs 1 --limit 256 --threads 1 --no-progress --data-dir {tmp}/data --out-dir {tmp}/run'
 _SETUP = 'the setup itself: every CI run executes it first (scripts/test.sh -> scripts/setup_env.sh)'
 _PIP = ('installs into the user\'s environment; scripts/setup_env.sh installs the package the same '
         'way (pip install --no-deps --no-build-isolation -e .) in every CI run')
@@ -98,6 +103,11 @@ COMMANDS = {
     'bash scripts/run_dvs_gesture.sh --sj2': smoke(f'DATA={{tmp}}/data bash scripts/run_dvs_gesture.sh --sj2 {DVS_TINY} --out-dir {{tmp}}/run', creates='{tmp}/run/summary.json', needs='.venv-sj2'),
     'python benchmarks/accuracy_study.py --grid core --jobs 2': smoke('python benchmarks/accuracy_study.py --grid smoke --jobs 1 --out-dir {tmp}/study --runs-dir {tmp}/runs --data-dir {tmp}/data --no-progress', creates='{tmp}/study/accuracy_study.json'),
     'python benchmarks/accuracy_study.py --jobs 2': skip('the --grid core row runs the same script on its smoke grid'),
+    'python benchmarks/accuracy_study.py --grid where --jobs 2': smoke(f'python benchmarks/accuracy_study.py --grid where-smoke --jobs 1 --cells "sequential: CF+TSG+PNB" {WHERE_TMP}', creates='{tmp}/study/where_cf_pays.md'),
+    'python benchmarks/accuracy_study.py --grid where-residual --jobs 2': smoke(f'python benchmarks/accuracy_study.py --grid where-smoke --jobs 1 --cells "spiking-resnet d2: LIF soft" {WHERE_TMP}', creates='{tmp}/study/where_cf_pays_potentials.md'),
+    'python benchmarks/accuracy_study.py --grid where --report-only --out-dir benchmarks/results/2026-12-03_cpu-2core': smoke('mkdir -p {tmp}/copy && cp benchmarks/results/2026-12-03_cpu-2core/where_cf_pays.json {tmp}/copy/ && python benchmarks/accuracy_study.py --grid where --report-only --out-dir {tmp}/copy', creates='{tmp}/copy/where_cf_pays.md'),
+    'python examples/mnist1d.py --arch spiking-resnet --depth 8 --width 16 --variant CF --surrogate rect --pnb 0 --potentials': smoke(f'python examples/mnist1d.py --arch spiking-resnet --depth 1 --width 4 --variant CF --surrogate rect --pnb 0 --potentials {MNIST1D_TINY}', creates='{tmp}/run/residual_potentials.json'),
+    'python examples/mnist1d.py --arch rsnn --task sequential --depth 1 --width 64 --neuron lif --surrogate rect --pnb 0': smoke(f'python examples/mnist1d.py --arch rsnn --task sequential --depth 1 --width 4 --neuron lif --surrogate rect --pnb 0 {MNIST1D_TINY}', creates='{tmp}/run/summary.json'),
     'python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1': smoke('python examples/mnist1d.py --variant SCF --K 2 --surrogate rect --pnb 0 --seed 1 --epochs 1 --width 4 --threads 1 --no-progress --data-dir {tmp}/data --out-dir {tmp}/run', creates='{tmp}/run/summary.json'),
     'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=.venv/sj/2.0.0:. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj2.0.0.json'),
     'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py': smoke(f'PYTHONPATH=. .venv/bin/python benchmarks/bench_protocol.py {PROTOCOL_TINY}', creates='{tmp}/*/protocol_sj0.0.0.0.14.json'),
