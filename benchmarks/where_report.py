@@ -568,39 +568,35 @@ def plot_potential_summary(results: dict, path: str) -> None:
     labels = [_short_run_label(r['cell']) for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.9), gridspec_kw={'width_ratios': [1.25, 1.25, 1]})
     x = np.arange(len(runs))
-    ax = axes[0]
-    width = 0.2
-    for k, (key, name) in enumerate((('above_theta', 'h ≥ θ'), ('above_2theta', 'h ≥ 2θ'),
-                                     ('below_minus_theta', 'h ≤ −θ'), ('below_minus_2theta', 'h ≤ −2θ'))):
-        pos = x + (k - 1.5) * width
-        before = [s['before'][key] for s in summaries]
-        after = [s['after'][key] for s in summaries]
-        color = ('#08519c', '#6baed6', '#a50f15', '#fb6a4a')[k]
-        ax.bar(pos, after, width, color=color, label=name)
-        ax.plot(pos, before, '_', color='k', ms=9, mew=1.5, label='before the sum' if k == 0 else None)
-    ax.set_ylim(0, 1.45 * ax.get_ylim()[1])
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha='right')
-    ax.set_ylabel('fraction of pre-spike potentials', fontsize=8)
-    ax.set_title('Beyond ±θ, ±2θ: after (bars), before (ticks) the sum', fontsize=9)
-    ax.legend(fontsize=6.5, ncol=2, loc='upper left')
-    ax = axes[1]
+    def after_bars_before_ticks(ax, series, headroom, ylabel, title):
+        """One bar group per run: each ``(name, color, value)`` after the sum as a bar, before it
+        as a tick (``value(summary_side)``)."""
+        width = 0.2
+        for k, (name, color, value) in enumerate(series):
+            pos = x + (k - 1.5) * width
+            ax.bar(pos, [value(s['after']) for s in summaries], width, color=color, label=name)
+            ax.plot(pos, [value(s['before']) for s in summaries], '_', color='k', ms=9, mew=1.5,
+                    label='before the sum' if k == 0 else None)
+        ax.set_ylim(0, headroom * ax.get_ylim()[1])
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=7, rotation=30, ha='right')
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6.5, ncol=2, loc='upper left')
+
+    fractions = (('above_theta', 'h ≥ θ', '#08519c'), ('above_2theta', 'h ≥ 2θ', '#6baed6'),
+                 ('below_minus_theta', 'h ≤ −θ', '#a50f15'), ('below_minus_2theta', 'h ≤ −2θ', '#fb6a4a'))
+    after_bars_before_ticks(axes[0], [(name, color, lambda side, key=key: side[key])
+                                      for key, name, color in fractions],
+                            1.45, 'fraction of pre-spike potentials',
+                            'Beyond ±θ, ±2θ: after (bars), before (ticks) the sum')
     rules = [('LIF hard', 'discarded', 'LIF hard: reset discards', '#a50f15'),
              ('LIF soft', 'leaked', 'LIF soft: leaked', '0.55'),
              ('SCF', 'leaked', 'SCF: leaked', '#6baed6'),
              ('CF', 'leaked', 'CF: leaked', '#08519c')]
-    width = 0.2
-    for k, (rule, q, name, color) in enumerate(rules):
-        pos = x + (k - 1.5) * width
-        ax.bar(pos, [s['after']['replay'][rule][q] for s in summaries], width, color=color, label=name)
-        ax.plot(pos, [s['before']['replay'][rule][q] for s in summaries], '_', color='k', ms=9, mew=1.5,
-                label='before the sum' if k == 0 else None)
-    ax.set_ylim(0, 1.35 * ax.get_ylim()[1])
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha='right')
-    ax.set_ylabel('θ per neuron and step', fontsize=8)
-    ax.set_title('Potential lost (same inputs through each rule)', fontsize=9)
-    ax.legend(fontsize=6.5, ncol=2, loc='upper left')
+    after_bars_before_ticks(axes[1], [(name, color, lambda side, rule=rule, q=q: side['replay'][rule][q])
+                                      for rule, q, name, color in rules],
+                            1.35, 'θ per neuron and step', 'Potential lost (same inputs through each rule)')
     ax = axes[2]
     lif = [r for r in runs if r['cell'].endswith('LIF soft')] or runs
     r = max(lif, key=lambda r: len(r['residual_potentials']['layers']))
